@@ -1,0 +1,1 @@
+"""MUSE recommender pipeline: data contracts, stores, embeddings, GSU, ESU, training, serving."""
