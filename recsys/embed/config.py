@@ -54,8 +54,8 @@ class CoocConfig:
     dim: int = 64
     # Pairs are (behaviour t, behaviour t+j) for 1 <= j <= window in a user's time-ordered history.
     window: int = 3
-    epochs: int = 8
-    batch_size: int = 1024
+    epochs: int = 4
+    batch_size: int = 512
     lr: float = 0.01
     temperature: float = 0.1
 
@@ -68,15 +68,18 @@ class AlignConfig:
     hidden: int = 256
     # Positive pairs are consecutive behaviours (window 1) of the same user.
     window: int = 1
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 512
     lr: float = 2e-3
     temperature: float = 0.07
-    # Memory queue of past batches' target vectors, used as extra negatives (0 disables it).
-    queue_size: int = 4096
+    # Memory queue of past batches' positive-side vectors, used as extra negatives (0 disables it).
+    queue_size: int = 2048
     # Probability of hiding each present modality of an item during training, so that items
     # missing a modality at inference still land near their neighbours.
     modality_dropout: float = 0.2
+    # Cross-modal pairs added to each batch, as a share of `batch_size`: one item seen through two
+    # disjoint sets of its modalities (e.g. text vs co-occurrence) is a positive pair.
+    cross_modal_ratio: float = 0.5
 
 
 @dataclass
@@ -107,6 +110,9 @@ class EmbedConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     seed: int = 0
+    # Torch threads for the driver-side training (co-occurrence, alignment): its matmuls are
+    # small, and on a busy machine extra threads spin-wait more than they compute.
+    train_threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,7 +149,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"unknown config field(s) {[prefix + k for k in unknown]}; known: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise ConfigError(f"config field {prefix + name} must be a mapping")

@@ -174,6 +174,17 @@ class EvalReport:
 
         return {**self.scalars(), "by_history_length": rows(self.by_history_length), "by_popularity": rows(self.by_popularity)}
 
+    def table(self) -> str:
+        """The report as plain-text tables: headline metrics, then GAUC per bucket."""
+        lines = [
+            f"{'samples':>10} {'users':>7} {'pos rate':>9} {'GAUC':>8} {'AUC':>8} {'logloss':>8}",
+            f"{self.samples:>10d} {self.gauc_users:>7d} {self.positive_rate:>9.4f} {self.gauc:>8.4f} {self.auc:>8.4f} {self.logloss:>8.4f}",
+        ]
+        for title, buckets in (("history length", self.by_history_length), ("target popularity", self.by_popularity)):
+            lines += ["", f"GAUC by {title}:", f"  {'bucket':>12} {'impressions':>12} {'users':>7} {'GAUC':>8}"]
+            lines += [f"  {b.bucket:>12} {b.impressions:>12d} {b.users:>7d} {b.gauc:>8.4f}" for b in buckets if b.impressions]
+        return "\n".join(lines)
+
 
 def evaluate_scores(
     users: np.ndarray,
@@ -190,7 +201,7 @@ def evaluate_scores(
         the target item's impression count in the training split.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    probabilities = 1.0 / (1.0 + np.exp(-logits))
+    probabilities = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow warnings
     g, n_users = gauc(users, labels, logits)
     labels = np.asarray(labels)
     return EvalReport(

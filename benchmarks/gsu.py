@@ -1,0 +1,234 @@
+"""Benchmark of the GSU op (`kernels.cosine_topk`) on this machine, every method in the same run.
+
+For each history length L and candidate count C (D = 128, K = 50) it times the CPU fast path,
+the reference (`kernels.reference`: float32 matmul + stable sort, exact ties), a plain
+float32-matmul + `torch.topk` baseline, and FAISS (`faiss.knn` per user on the gathered,
+normalised rows; its gather is timed too, it cannot read the table by id). It also measures this
+machine's own limits in the same run (a large memory copy for bytes/s, 2048^3 matmuls for FLOP/s)
+and reports the fast path's achieved rates against them, the peak resident memory each method adds,
+and how often the fast path returns exactly the reference's positions.
+
+    python benchmarks/gsu.py            # L in {1e3, 1e4, 1e5} x C in {1, 100, 1000}
+    python benchmarks/gsu.py --quick    # small run (a minute)
+
+Writes the JSON to benchmarks/results/gsu.json (atomically) and prints it, then a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import cosine_topk
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gsu.json"
+
+
+class PeakRss:
+    """Peak resident memory above the starting point while the block runs (sampled every ms)."""
+
+    def __enter__(self) -> "PeakRss":
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn, repeats: int, budget_s: float) -> tuple[float, float, object]:
+    """(best seconds, peak added MB, last result): at least one run, more while under budget."""
+    best, peak, result, spent = float("inf"), 0.0, None, 0.0
+    for _ in range(repeats):
+        with PeakRss() as mem:
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+        best, peak, spent = min(best, elapsed), max(peak, mem.added_mb), spent + elapsed
+        if spent > budget_s:
+            break
+    return best, peak, result
+
+
+def machine_limits(repeats: int) -> dict[str, float]:
+    """Bytes/s of a 512 MiB copy and FLOP/s of 2048^3 matmuls in float32 and bfloat16."""
+    src = torch.ones(2**27)  # 512 MiB
+    dst = torch.empty_like(src)
+    copy_s, _, _ = timed(lambda: dst.copy_(src), repeats, 5.0)
+    n = 2048
+    out = {"copy_bytes_per_s": 2 * src.numel() * 4 / copy_s}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        mm_s, _, _ = timed(lambda: a @ b, repeats, 5.0)
+        out[f"matmul_{name}_flop_per_s"] = 2 * n**3 / mm_s
+    return out
+
+
+def make_inputs(n_items: int, dim: int, dtype: torch.dtype, users: int, length: int, n_cands: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.nn.functional.normalize(torch.randn(n_items + 1, dim, generator=gen), dim=1)
+    table[0] = 0
+    table = table.to(dtype)
+    history = torch.randint(1, n_items + 1, (users, length), generator=gen)
+    candidates = torch.randint(1, n_items + 1, (users, n_cands), generator=gen)
+    lengths = torch.full((users,), length, dtype=torch.int64)
+    return table, candidates, history, lengths
+
+
+def torch_topk_baseline(table, candidates, history, lengths, k):
+    """float32 gather + normalise + matmul + torch.topk: the obvious version, without tie order."""
+    rows = torch.nn.functional.normalize(table[history].float(), dim=-1)
+    cands = torch.nn.functional.normalize(table[candidates].float(), dim=-1)
+    return (cands @ rows.transpose(1, 2)).topk(min(k, history.shape[1]), dim=-1)
+
+
+def faiss_baseline(table, candidates, history, lengths, k):
+    import faiss
+
+    results = []
+    for b in range(history.shape[0]):
+        rows = torch.nn.functional.normalize(table[history[b, : lengths[b]]].float(), dim=-1)
+        cands = torch.nn.functional.normalize(table[candidates[b]].float(), dim=-1)
+        results.append(faiss.knn(cands.numpy(), rows.numpy(), min(k, rows.shape[0]), metric=faiss.METRIC_INNER_PRODUCT))
+    return results
+
+
+def run_config(table, candidates, history, lengths, k, repeats, limits, skip_reference):
+    users, length = history.shape
+    n_cands, dim = candidates.shape[1], table.shape[1]
+    budget = 3.0
+    fast_s, fast_mb, (_, fast_pos) = timed(lambda: cosine_topk(table, candidates, history, lengths, k), repeats, budget)
+    row = {"L": length, "C": n_cands, "B": users, "fast_s": fast_s, "fast_peak_mb": fast_mb}
+    baselines = {
+        "torch_topk": lambda: torch_topk_baseline(table, candidates, history, lengths, k),
+        "faiss": lambda: faiss_baseline(table, candidates, history, lengths, k),
+    }
+    if not skip_reference:
+        baselines["reference"] = lambda: cosine_topk(table, candidates, history, lengths, k, impl="reference")
+    for name, fn in baselines.items():
+        seconds, peak, result = timed(fn, repeats, budget)
+        row[f"{name}_s"], row[f"{name}_peak_mb"] = seconds, peak
+        row[f"speedup_vs_{name}"] = seconds / fast_s
+        if name == "reference":
+            row["positions_equal_reference"] = float((result[1] == fast_pos).float().mean())
+
+    flops = 2.0 * users * n_cands * length * dim
+    moved = users * length * (8 + dim * table.element_size()) + users * n_cands * (8 + dim * table.element_size() + k * 12)
+    screen = "bfloat16" if n_cands >= 8 else "float32"
+    compute_s = flops / limits[f"matmul_{screen}_flop_per_s"]
+    memory_s = moved / limits["copy_bytes_per_s"]
+    row.update(
+        flops=flops,
+        bytes=moved,
+        achieved_flop_per_s=flops / fast_s,
+        achieved_bytes_per_s=moved / fast_s,
+        binding_limit="compute" if compute_s >= memory_s else "memory",
+        limit_s=max(compute_s, memory_s),
+        fast_over_limit=fast_s / max(compute_s, memory_s),
+    )
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run: L in {1e3, 1e4}, C in {1, 100}")
+    parser.add_argument("--items", type=int, default=None, help="table rows (default 1,000,000; quick 100,000)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default="float16")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best is kept)")
+    parser.add_argument("--behaviours", type=int, default=100_000,
+                        help="users per config = max(1, behaviours // L), so every config scans as many behaviours")
+    parser.add_argument("--max-reference-scores", type=float, default=2e8,
+                        help="skip the reference where B*C*L exceeds this (its [B, C, L] sort)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    lengths_grid = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
+    cands_grid = [1, 100] if args.quick else [1, 100, 1_000]
+    n_items = args.items or (100_000 if args.quick else 1_000_000)
+    repeats = args.repeats or (2 if args.quick else 3)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}[args.dtype]
+
+    print(f"measuring machine limits ({torch.get_num_threads()} threads)...", flush=True)
+    limits = machine_limits(repeats)
+    rows = []
+    for length in lengths_grid:
+        for n_cands in cands_grid:
+            users = max(1, args.behaviours // length)
+            print(f"L={length:,} C={n_cands:,} B={users}...", flush=True)
+            table, candidates, history, lens = make_inputs(n_items, args.dim, torch.float32, users, length, n_cands, seed=length + n_cands)
+            if dtype == torch.int8:
+                table = torch.trunc(table * 127).to(torch.int8)
+            else:
+                table = table.to(dtype)
+            skip_ref = users * n_cands * length > args.max_reference_scores
+            rows.append(run_config(table, candidates, history, lens, args.k, repeats, limits, skip_ref))
+
+    result = {
+        "benchmark": "gsu.cosine_topk",
+        "settings": {"items": n_items, "dim": args.dim, "k": args.k, "table_dtype": args.dtype,
+                     "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__},
+        "machine_limits": limits,
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(result, tmp, indent=2)
+    os.replace(tmp.name, args.out)
+    print(json.dumps(result, indent=2))
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    limits = result["machine_limits"]
+    print(
+        f"\nmachine: copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul fp32 "
+        f"{limits['matmul_float32_flop_per_s'] / 1e9:.0f} GFLOP/s, bf16 {limits['matmul_bfloat16_flop_per_s'] / 1e9:.0f} GFLOP/s"
+    )
+    header = ("L", "C", "B", "fast ms", "ref ms", "topk ms", "faiss ms", "x ref", "x topk", "x faiss",
+              "limit ms", "fast/limit", "bound", "fast MB", "ref MB", "same pos")
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for r in result["results"]:
+        def ms(key):
+            return f"{r[key] * 1e3:.1f}" if key in r else "-"
+
+        def ratio(key):
+            return f"{r[key]:.1f}" if key in r else "-"
+
+        print(" | ".join([
+            f"{r['L']:,}", f"{r['C']:,}", str(r["B"]), ms("fast_s"), ms("reference_s"), ms("torch_topk_s"),
+            ms("faiss_s"), ratio("speedup_vs_reference"), ratio("speedup_vs_torch_topk"), ratio("speedup_vs_faiss"),
+            ms("limit_s"), f"{r['fast_over_limit']:.1f}", r["binding_limit"], f"{r['fast_peak_mb']:.0f}",
+            f"{r['reference_peak_mb']:.0f}" if "reference_peak_mb" in r else "-",
+            f"{r['positions_equal_reference']:.4f}" if "positions_equal_reference" in r else "-",
+        ]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

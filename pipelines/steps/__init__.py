@@ -1,0 +1,1 @@
+"""The stages of the daily pipeline, one module per concern; `pipelines.daily` wires them."""

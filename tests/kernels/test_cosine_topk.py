@@ -1,0 +1,218 @@
+"""kernels.cosine_topk: the reference and the CPU fast path against the contract and each other."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.cpu_topk as cpu_topk
+from kernels import cosine_topk
+from kernels.cosine_topk import jagged_to_padded
+from kernels.reference import cosine_topk_reference
+from topk_checks import assert_valid_topk, make_table
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+def random_batch(n_items, batch, width, n_cands, lengths, seed=0, pad_prob=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, n_items + 1, (batch, width), generator=gen)
+    if pad_prob:  # unknown items (id 0) inside the history
+        history[torch.rand(batch, width, generator=gen) < pad_prob] = 0
+    lengths = torch.tensor(lengths)
+    history[torch.arange(width)[None, :] >= lengths[:, None]] = 0
+    candidates = torch.randint(1, n_items + 1, (batch, n_cands), generator=gen)
+    return candidates, history, lengths
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_cands", [1, 9])
+def test_cpu_matches_reference(dtype, n_cands):
+    # 9 candidates screen in bfloat16, 1 in float32; widths not multiples of anything.
+    table = make_table(400, 24, dtype)
+    candidates, history, lengths = random_batch(400, 4, 333, n_cands, [333, 0, 17, 250], pad_prob=0.05)
+    k = 20
+    ref = cosine_topk_reference(table, candidates, history, lengths, k)
+    fast = cosine_topk(table, candidates, history, lengths, k, impl="cpu")
+    for scores, positions in (ref, fast):
+        assert_valid_topk(table, candidates, history, lengths, k, scores, positions)
+    # Random rows are well separated: the fast path picks exactly the reference positions.
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch):
+    # Tables too large for a bfloat16 copy are normalised chunk by chunk instead.
+    table = make_table(400, 24, torch.float16)
+    candidates, history, lengths = random_batch(400, 3, 150, 9, [150, 80, 0], pad_prob=0.05)
+    prepared = cosine_topk(table, candidates, history, lengths, 10)
+    monkeypatch.setattr(cpu_topk, "SCREEN_COPY_MAX_ELEMENTS", 0)
+    per_chunk = cosine_topk(table, candidates, history, lengths, 10)
+    assert torch.equal(prepared[1], per_chunk[1]) and torch.equal(prepared[0], per_chunk[0])
+
+
+def test_prepared_copy_follows_in_place_edits_of_the_table():
+    table = make_table(100, 16)
+    candidates, history, lengths = random_batch(100, 1, 60, 9, [60])
+    cosine_topk(table, candidates, history, lengths, 5)
+    table[history[0, 7]] = table[candidates[0, 0]]  # now the best match of candidate 0
+    scores, positions = cosine_topk(table, candidates, history, lengths, 5)
+    assert positions[0, 0, 0] == 7 and scores[0, 0, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_small_budgets_force_many_chunks_and_blocks(monkeypatch):
+    monkeypatch.setattr(cpu_topk, "SCORE_BUDGET", 256)
+    monkeypatch.setattr(cpu_topk, "ROW_BUDGET", 512)
+    table = make_table(300, 8)
+    candidates, history, lengths = random_batch(300, 5, 201, 3, [201, 64, 0, 1, 150], pad_prob=0.1)
+    ref = cosine_topk_reference(table, candidates, history, lengths, 6)
+    for screen in (torch.bfloat16, torch.float32):
+        fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 6, screen_dtype=screen)
+        assert torch.equal(fast[1], ref[1])
+        torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def near_tie_case():
+    # 60 rows within 1e-3 of one direction: their cosines to another vector differ by ~1e-4, which
+    # bfloat16 cannot order, so a narrow screen cannot prove its survivors complete.
+    gen = torch.Generator().manual_seed(3)
+    base, target = torch.nn.functional.normalize(torch.randn(2, 16, generator=gen), dim=1)
+    rows = torch.nn.functional.normalize(base + 1e-3 * torch.randn(60, 16, generator=gen), dim=1)
+    table = torch.cat([torch.zeros(1, 16), target[None], rows])
+    history = torch.arange(2, 62).flip(0).unsqueeze(0)
+    return table, torch.ones(1, 8, dtype=torch.int64), history, torch.tensor([60])
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(cpu_topk, name)
+    monkeypatch.setattr(cpu_topk, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch):
+    table, candidates, history, lengths = near_tie_case()
+    selects = count_calls(monkeypatch, "_select")
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen_dtype=torch.bfloat16, margin=4)
+    assert len(selects) > 1  # the first screen (14 survivors) could not prove itself
+    ref = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_past_max_keep_an_exact_scan_takes_over(monkeypatch):
+    monkeypatch.setattr(cpu_topk, "MAX_KEEP", 20)
+    table, candidates, history, lengths = near_tie_case()
+    scans = count_calls(monkeypatch, "_exact_topk")
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen_dtype=torch.bfloat16, margin=4)
+    assert len(scans) == 8
+    ref = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_grouped_selection_matches_reference(monkeypatch):
+    # Long chunks select through group maxima; lower the threshold so a small input takes that path.
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_COLUMNS_PER_KEPT", 2)
+    table = make_table(2000, 16, torch.float16)
+    candidates, history, lengths = random_batch(2000, 2, 1024, 9, [1024, 700], pad_prob=0.02)
+    grouped = []
+    chunk_topk = cpu_topk._chunk_topk
+    monkeypatch.setattr(cpu_topk, "_chunk_topk", lambda s, keep: grouped.append(s.shape[1]) or chunk_topk(s, keep))
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 8, margin=8)
+    ref = cosine_topk_reference(table, candidates, history, lengths, 8)
+    assert grouped[0] == 1024
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatch):
+    # Negative bf16 scores do not order like their int16 bits: the grouped screen must not be trusted.
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_COLUMNS_PER_KEPT", 2)
+    gen = torch.Generator().manual_seed(4)
+    base = torch.nn.functional.normalize(torch.randn(1, 16, generator=gen), dim=1)
+    rows = torch.nn.functional.normalize(base + 0.3 * torch.randn(512, 16, generator=gen), dim=1)
+    table = torch.cat([torch.zeros(1, 16), -base, rows])  # item 1 points away from every row
+    history = torch.arange(2, 514).unsqueeze(0)
+    candidates = torch.ones(1, 8, dtype=torch.int64)
+    lengths = torch.tensor([512])
+    selects = count_calls(monkeypatch, "_select")
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5, margin=3)
+    assert len(selects) > 1
+    ref = cosine_topk_reference(table, candidates, history, lengths, 5)
+    assert torch.equal(fast[1], ref[1])
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_ties_go_to_the_most_recent_duplicate(impl):
+    table = make_table(20, 8)
+    history = torch.tensor([[5, 7, 5, 5, 9, 5, 0, 0]])
+    candidates = torch.tensor([[5, 9]])
+    scores, positions = cosine_topk(table, candidates, history, torch.tensor([6]), 3, impl=impl)
+    assert positions[0, 0].tolist() == [5, 3, 2]
+    torch.testing.assert_close(scores[0, 0], torch.ones(3), atol=1e-6, rtol=0)
+    assert positions[0, 1, 0] == 4
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_fewer_valid_than_k_and_empty_rows(impl):
+    table = make_table(50, 8)
+    table[7] = 0  # an item without an embedding
+    history = torch.tensor([[3, 0, 7, 4, 0], [0, 0, 0, 0, 0], [1, 2, 3, 4, 5]])
+    lengths = torch.tensor([5, 4, 0])  # row 1: padding only; row 2: empty
+    candidates = torch.tensor([[3, 4], [3, 4], [3, 4]])
+    scores, positions = cosine_topk(table, candidates, history, lengths, 4, impl=impl)
+    assert_valid_topk(table, candidates, history, lengths, 4, scores, positions)
+    assert sorted(positions[0, 0, :2].tolist()) == [0, 3]
+    assert (positions[0, :, 2:] == -1).all() and (positions[1:] == -1).all()
+    assert torch.isneginf(scores[1:]).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_zero_candidate_row_takes_the_most_recent(impl):
+    table = make_table(30, 8)
+    history = torch.tensor([[4, 5, 6, 7, 8]])
+    scores, positions = cosine_topk(table, torch.tensor([[0]]), history, torch.tensor([5]), 3, impl=impl)
+    assert positions[0, 0].tolist() == [4, 3, 2]
+    assert (scores == 0).all()
+
+
+def test_jagged_equals_padded():
+    table = make_table(100, 16)
+    candidates, history, lengths = random_batch(100, 3, 40, 4, [40, 0, 25])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = history[torch.arange(40)[None, :] < lengths[:, None]]
+    padded, jagged_lengths = jagged_to_padded(values, offsets)
+    assert torch.equal(jagged_lengths, lengths) and torch.equal(padded, history)
+    jagged = cosine_topk(table, candidates, values, k=10, offsets=offsets)
+    assert all(torch.equal(a, b) for a, b in zip(jagged, cosine_topk(table, candidates, history, lengths, 10)))
+
+
+def test_lengths_default_to_full_rows():
+    table = make_table(60, 8)
+    candidates, history, _ = random_batch(60, 2, 12, 2, [12, 12])
+    full = torch.tensor([12, 12])
+    assert torch.equal(cosine_topk(table, candidates, history, k=5)[1], cosine_topk(table, candidates, history, full, 5)[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"history": torch.tensor([[1, 99]])}, "history` holds ids outside"),
+        ({"candidates": torch.tensor([[1], [2]])}, "candidates` must be"),
+        ({"lengths": torch.tensor([3])}, "lengths` must lie"),
+        ({"table": torch.zeros(10, 4, dtype=torch.int32)}, "table` must be"),
+        ({"k": 0}, "`k` must be"),
+        ({"impl": "gpu"}, "impl must be"),
+    ],
+)
+def test_errors_name_the_argument(kwargs, message):
+    args = {"table": make_table(10, 4), "candidates": torch.tensor([[1]]), "history": torch.tensor([[1, 2]]),
+            "lengths": torch.tensor([2]), "k": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        cosine_topk(**args)
+
+
+def test_bad_offsets_are_rejected():
+    with pytest.raises(ValueError, match="offsets"):
+        cosine_topk(make_table(10, 4), torch.tensor([[1]]), torch.tensor([1, 2]), k=1, offsets=torch.tensor([0, 3]))
