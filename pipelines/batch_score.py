@@ -113,7 +113,7 @@ def batch_score(candidates: Path, output_dir: Path, scorer_factory: Callable[[],
         fn_constructor_args=(scorer_factory,),
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
     )
     scored.write_parquet(str(output_dir))

@@ -370,6 +370,8 @@ class _StageRun:
         """Train (or reuse) the projection and apply it: vectors float32 [N+1, D], mask bool [N+1, M]."""
         config = self.config
         names = list(features)
+        if not names:
+            raise UserError(f"{self.layout.items}: no item has any usable source (title, image or behaviour) to embed")
         feats = [features[n][0] for n in names]
         mask = torch.stack([features[n][1] for n in names], dim=1)
         align_fp = digest_text(

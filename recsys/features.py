@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,11 +30,14 @@ from recsys.paths import DataLayout
 from recsys.store.embedding_table import EmbeddingTable
 from recsys.store.sequence_store import HistoryBatch, SequenceStore
 
+if TYPE_CHECKING:
+    from recsys.models.muse import ModelConfig
+
 
 # ---------------------------------------------------------------------- batch
 
 
-@dataclass
+@dataclass(repr=False)
 class CTRBatch:
     """Model input of R rows (R = B users x C candidates, flattened user-major).
 
@@ -78,6 +81,13 @@ class CTRBatch:
     def __len__(self) -> int:
         return self.num_rows
 
+    def __repr__(self) -> str:
+        return (
+            f"CTRBatch(rows={self.num_rows}, short={self.short_items.shape[1]}, long={self.long_items.shape[1]}, "
+            f"mm_dim={self.target_mm.shape[1]}, user_features={self.user_features.shape[1]}, "
+            f"labels={'yes' if self.labels is not None else 'no'}, device={self.target_items.device})"
+        )
+
     def _map(self, fn) -> CTRBatch:
         return CTRBatch(
             **{
@@ -120,7 +130,14 @@ class CTRBatch:
                 labels = [b.labels for b in batches]
                 fields[f.name] = None if any(x is None for x in labels) else torch.cat(labels)
             else:
-                fields[f.name] = torch.cat([getattr(b, f.name) for b in batches])
+                parts = [getattr(b, f.name) for b in batches]
+                widths = {tuple(p.shape[1:]) for p in parts}
+                if len(widths) > 1:
+                    raise ValueError(
+                        f"CTRBatch.concat: field {f.name!r} has different widths {sorted(widths)}; "
+                        "batches must come from the same FeatureConfig"
+                    )
+                fields[f.name] = torch.cat(parts)
         return CTRBatch(**fields)
 
 
@@ -259,7 +276,7 @@ class FeatureConfig:
         return self.long_len if self.gsu_policy is not None else self.short_len
 
     @classmethod
-    def for_model(cls, model_config, **overrides: Any) -> FeatureConfig:
+    def for_model(cls, model_config: ModelConfig, **overrides: Any) -> FeatureConfig:
         """The feature config matching a `ModelConfig`: its GSU policy and user attributes."""
         base = {
             "gsu_policy": model_config.spec.gsu_policy,

@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--embedding-dtype", default="float16", help="which embeddings/table_<dtype> to use")
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes building features")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the scoring process")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
 
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--model-uri {folder}: no features.json next to the model (save it with its FeatureConfig)")
         label = str(folder)
     report = evaluate_on_split(layout, model, feature_config, test_fraction=args.test_fraction,
-                               embedding_dtype=args.embedding_dtype, batch_size=args.batch_size, num_workers=args.workers)
+                               embedding_dtype=args.embedding_dtype, batch_size=args.batch_size, num_workers=args.workers,
+                               threads=args.threads)
     if args.json:
         print(json.dumps({"model": label, **report.to_dict()}))
     else:

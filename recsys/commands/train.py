@@ -15,6 +15,7 @@ _OVERRIDES = {
     "history_len": "history_len",
     "seed": "seed",
     "workers": "num_workers",
+    "threads": "threads",
     "max_steps": "max_steps",
     "checkpoint_every": "checkpoint_every",
     "dense_lr": "dense_lr",
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--history-len", type=int, help="longest history given to the GSU (default 1000)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int, help="DataLoader worker processes building features")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads of the training process (default 1)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default: each epoch end)")
     parser.add_argument("--dense-lr", type=float)

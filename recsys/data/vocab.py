@@ -71,10 +71,11 @@ class Vocab:
             return np.zeros(raw.shape, dtype=np.int64)
         table = self._lookup_table()
         if table is not None:
-            # Keys packed in a short range (sequential ids): one gather, no search.
-            offset = raw - self._sorted[0]
-            inside = (raw >= self._sorted[0]) & (raw <= self._sorted[-1])
-            return np.where(inside, table[np.where(inside, offset, 0)], 0).astype(np.int64)
+            # Keys packed in a short range (sequential ids): one gather, no search. The offset is
+            # read as unsigned, so keys below the range (and int64 wrap-around) land past its end,
+            # on the table's trailing 0 slot.
+            offset = np.minimum((raw - self._sorted[0]).view(np.uint64), np.uint64(len(table) - 1))
+            return table[offset.view(np.int64)]  # numpy indexes with int64 without converting
         if raw.size >= _HASH_JOIN_MIN:
             # Sparse (hashed) keys and many queries: a hash join beats a cache-missing binary search.
             dense = pl.Series(raw.reshape(-1)).replace_strict(
@@ -87,11 +88,11 @@ class Vocab:
         return np.where(found, self._order[pos_clipped] + 1, 0).astype(np.int64)
 
     def _lookup_table(self) -> np.ndarray | None:
-        """int32 [max - min + 1] raw - min -> dense, built on first use when the span is small."""
+        """int64 [span + 1]: raw - min -> dense, last slot 0; built on first use for short spans."""
         if self._table is None:
             span = int(self._sorted[-1]) - int(self._sorted[0]) + 1
-            if span <= max(_TABLE_SPAN_PER_KEY * len(self.keys), _TABLE_MIN_SPAN) and len(self.keys) < 2**31:
-                table = np.zeros(span, dtype=np.int32)
+            if span <= max(_TABLE_SPAN_PER_KEY * len(self.keys), _TABLE_MIN_SPAN):
+                table = np.zeros(span + 1, dtype=np.int64)
                 table[self._sorted - self._sorted[0]] = self._order + 1
                 self._table = table
             else:

@@ -180,7 +180,7 @@ class SemanticTargetAttention(nn.Module):
     """Target attention over selected behaviours, optionally fused with multimodal relevance (SA-TA).
 
     a_ID = (E_u W_k)(e_a W_q)^T / sqrt(d). With `fuse=True` the logits are
-    a = g1 * a_ID + g2 * R / T + g3 * a_ID * R / T, where R are the GSU multimodal cosines,
+    a = g1 * a_ID + g2 * R / T + g3 * a_ID * R, where R are the GSU multimodal cosines,
     g1..g3 are learnable (init 1) and T a learnable temperature (init 0.1). With `fuse=False`
     a = a_ID (plain scaled dot-product target attention). Output softmax(a)^T (E_u W_v).
 
@@ -224,9 +224,9 @@ class SemanticTargetAttention(nn.Module):
         if relevance is None:
             raise ValueError("SA-TA with fuse=True needs the multimodal relevance [R, L]")
         # Zeroed at padding so that a non-finite filler there cannot reach the gradients.
-        r = relevance.float().masked_fill(~mask, 0.0) / self.temperature
+        r = relevance.float().masked_fill(~mask, 0.0)
         g1, g2, g3 = self.gates.unbind(0)
-        return g1 * a_id + g2 * r + g3 * a_id * r
+        return g1 * a_id + g2 * r / self.temperature + g3 * a_id * r
 
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, relevance: torch.Tensor | None = None

@@ -7,20 +7,15 @@ Endpoints
     GET  /readyz    readiness: a model is loaded and the scoring pool accepts work
     GET  /metrics   Prometheus text format
 
-Overload behaviour: at most `max_concurrency` rankings are admitted at once (a non-blocking
-semaphore); one more gets 503 with Retry-After at once, rather than waiting in an unbounded queue.
-Scoring runs in a small thread pool so the event loop keeps answering health checks and
-rejecting excess load while the CPU works. A ranking that takes longer than `timeout_ms` gets
-504; its slot is freed only when the scoring thread really finishes, so a slow model cannot
-pile up more work than the bound allows.
+Overload behaviour (see pool.py): at most `max_concurrency` rankings are admitted at once; one
+more gets 503 with Retry-After at once rather than waiting in an unbounded queue; a ranking past
+`timeout_ms` gets 504. Scoring runs in a thread pool, so the event loop keeps answering health
+checks while the CPU works.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -32,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recsys.serving.metrics import ServingMetrics
+from recsys.serving.pool import DeadlineExceeded, Overloaded, ScoringPool
 from recsys.serving.reload import AliasPoller, ModelHolder
 from recsys.serving.schemas import ErrorResponse, RankRequest, RankResponse
 from recsys.serving.scorer import Scores
@@ -175,9 +171,7 @@ def create_app(
         poller.on_swap = on_swap
         poller.on_failure = lambda exc: metrics.reloads.labels(result="failed").inc()
 
-    executor = ThreadPoolExecutor(settings.scoring_threads, thread_name_prefix="muse-score")
-    slots = threading.BoundedSemaphore(settings.max_concurrency)
-    state = {"accepting": True}
+    pool = ScoringPool(settings.scoring_threads, settings.max_concurrency, settings.timeout_ms / 1000.0, metrics.in_flight)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -186,10 +180,9 @@ def create_app(
         try:
             yield
         finally:
-            state["accepting"] = False
+            pool.close()
             if poller is not None:
                 poller.stop()
-            executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="MUSE ranking service",
@@ -216,9 +209,10 @@ def create_app(
                 message = f"the body is not UTF-8 JSON: {exc.__cause__.reason} at byte {exc.__cause__.start}"
         return error_response(exc.status_code, message, headers=exc.headers)
 
-    def release_slot(_: Future) -> None:
-        metrics.in_flight.dec()
-        slots.release()
+    def invalid_candidates(problem: str) -> JSONResponse:
+        """422 for the rules the request model cannot express (they depend on settings or on the whole list)."""
+        metrics.errors.labels(reason="invalid").inc()
+        return error_response(422, f"invalid request: candidates: {problem}", [{"field": "candidates", "problem": problem}])
 
     @app.post(
         RANK_PATH,
@@ -234,32 +228,18 @@ def create_app(
         started = time.perf_counter()
         count = len(body.candidates)
         if count > settings.max_candidates:
-            metrics.errors.labels(reason="invalid").inc()
-            problem = f"{count} candidates given, at most {settings.max_candidates} allowed"
-            return error_response(422, f"invalid request: candidates: {problem}", [{"field": "candidates", "problem": problem}])
+            return invalid_candidates(f"{count} candidates given, at most {settings.max_candidates} allowed")
         if len(set(body.candidates)) != count:
-            metrics.errors.labels(reason="invalid").inc()
-            problem = "candidate ids repeat; send each item once"
-            return error_response(422, f"invalid request: candidates: {problem}", [{"field": "candidates", "problem": problem}])
-        if not state["accepting"] or not slots.acquire(blocking=False):
-            metrics.errors.labels(reason="overloaded").inc()
-            return error_response(
-                503,
-                f"server is at its limit of {settings.max_concurrency} concurrent rankings; retry shortly",
-                headers={"Retry-After": "1"},
-            )
-        metrics.in_flight.inc()
+            return invalid_candidates("candidate ids repeat; send each item once")
         scorer = holder.current  # read once: a hot swap during this request does not affect it
         try:
-            future = executor.submit(scorer.score, body.user_id, body.candidates, body.ts)
-        except RuntimeError:  # the pool is shut down: the server is stopping
-            release_slot(None)
+            result: Scores = await pool.run(scorer.score, body.user_id, body.candidates, body.ts)
+        except Overloaded:
             metrics.errors.labels(reason="overloaded").inc()
-            return error_response(503, "server is shutting down", headers={"Retry-After": "1"})
-        future.add_done_callback(release_slot)
-        try:
-            result: Scores = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_ms / 1000.0)
-        except TimeoutError:
+            problem = (f"server is at its limit of {settings.max_concurrency} concurrent rankings"
+                       if pool.accepting else "server is shutting down")
+            return error_response(503, f"{problem}; retry shortly", headers={"Retry-After": "1"})
+        except DeadlineExceeded:
             metrics.errors.labels(reason="timeout").inc()
             return error_response(504, f"ranking took longer than the {settings.timeout_ms:g} ms deadline")
         except Exception:
@@ -291,7 +271,7 @@ def create_app(
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> Response:
-        if not state["accepting"]:
+        if not pool.accepting:
             return error_response(503, "server is shutting down")
         return JSONResponse({"status": "ready", "model_version": holder.current.version})
 

@@ -78,8 +78,10 @@ class Ranker:
         features: FeatureBuilder over the data folder, with the feature config the model was trained with.
         user_vocab, item_vocab: raw -> dense id maps of the data folder.
         version: label reported with every score (registry version or model folder name).
-        max_rows: most (user, candidate) rows scored in one forward by `score_batch`; larger
-            inputs are split by user, which bounds memory without changing any score.
+        max_rows: most (user, candidate) rows scored in one forward by `score_batch`.
+        max_history_cells: most history entries (users x fetched length) read at once by
+            `score_batch` (100,000-long histories: 41 users per chunk at the default).
+        Larger inputs are split by user, which bounds memory without changing any score.
     """
 
     def __init__(
@@ -90,9 +92,10 @@ class Ranker:
         item_vocab: Vocab,
         version: str,
         max_rows: int = 8192,
+        max_history_cells: int = 1 << 22,
     ):
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if max_rows < 1 or max_history_cells < 1:
+            raise ValueError(f"max_rows and max_history_cells must be >= 1, got {max_rows}, {max_history_cells}")
         self.model = model.eval()
         store = features.store._store if isinstance(features.store, _TimedStore) else features.store
         self._store = _TimedStore(store)
@@ -101,6 +104,7 @@ class Ranker:
         self.item_vocab = item_vocab
         self._version = str(version)
         self.max_rows = max_rows
+        self.max_history_cells = max_history_cells
         # The SIM-soft GSU ranks behaviours by the model's own item id embeddings.
         self._id_embeddings = model.item_id_embeddings() if features.config.gsu_policy == "sim-soft" else None
 
@@ -220,7 +224,8 @@ class Ranker:
         if b == 0 or c == 0:
             return Scores(out, StageTimings(0.0, 0.0, 0.0, (time.perf_counter() - started) * 1000.0))
         history_s = gsu_s = esu_s = 0.0
-        users_per_chunk = max(1, self.max_rows // max(c, 1))
+        fetched = max(1, self.feature_config.fetch_len)
+        users_per_chunk = max(1, min(self.max_rows // c, self.max_history_cells // fetched))
         for lo in range(0, b, users_per_chunk):
             hi = min(b, lo + users_per_chunk)
             t0 = time.perf_counter()

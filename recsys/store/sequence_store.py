@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -241,18 +243,20 @@ class SequenceStore:
         per_user = np.zeros(len(user_vocab) + 1, dtype=np.int64)
         per_user[dense[dense > 0]] = n[dense > 0]
 
+        sorted_keys = np.sort(user_vocab.keys)
+
         def blocks() -> Iterator[_Block]:
             for u0, u1 in _plan_blocks(per_user, block_rows):
                 keys = user_vocab.keys[u0 - 1 : u1 - 1]
-                # The range test lets Parquet skip row groups; the set test is the exact one.
-                part = (
-                    frame.filter(
-                        pl.col("user_id").is_between(int(keys.min()), int(keys.max()))
-                        & pl.col("user_id").is_in(pl.Series(keys))
-                    )
-                    .select("user_id", "item_id", "ts")
-                    .collect()
-                )
+                lo, hi = int(keys.min()), int(keys.max())
+                # The range test lets Parquet skip row groups by their statistics. It is exact when
+                # no other vocabulary key lies in [lo, hi] (always so before any Vocab.extend): rows
+                # of users outside the vocabulary encode to 0 and are dropped later anyway.
+                wanted = pl.col("user_id").is_between(lo, hi)
+                inside = np.searchsorted(sorted_keys, hi, side="right") - np.searchsorted(sorted_keys, lo)
+                if inside != len(keys):
+                    wanted = wanted & pl.col("user_id").is_in(pl.Series(keys))
+                part = frame.filter(wanted).select("user_id", "item_id", "ts").collect()
                 yield (
                     user_vocab.encode(part["user_id"].to_numpy()),
                     item_vocab.encode(part["item_id"].to_numpy()),
@@ -294,6 +298,9 @@ class SequenceStore:
         new_users = user_vocab.encode(new["user_id"].to_numpy())
         new_items = item_vocab.encode(new["item_id"].to_numpy())
         new_ts = new["ts"].to_numpy().astype(np.int64, copy=False)
+        if (new_users == 0).any():
+            log.warning("store: %d new event(s) of users not in the user vocabulary are skipped",
+                        int((new_users == 0).sum()))
         order = np.argsort(new_users, kind="stable")
         new_users, new_items, new_ts = new_users[order], new_items[order], new_ts[order]
         per_user = np.bincount(new_users, minlength=len(user_vocab) + 1).astype(np.int64)
@@ -347,8 +354,8 @@ def _as_lazy(events: EventsInput) -> pl.LazyFrame:
         frame = pl.scan_parquet(path)
     missing = {"user_id", "item_id", "ts"} - set(frame.collect_schema().names())
     if missing:
-        raise UserError(f"{events if not isinstance(events, (pl.DataFrame, pl.LazyFrame, pa.Table)) else 'events'}: "
-                        f"missing column(s) {sorted(missing)}")
+        source = str(events) if isinstance(events, (str, os.PathLike)) else "events"
+        raise UserError(f"{source}: missing column(s) {sorted(missing)}")
     return frame
 
 
@@ -370,21 +377,25 @@ def _plan_blocks(per_user: np.ndarray, block_rows: int) -> list[tuple[int, int]]
 
 
 def _sort_dedup_cap(
-    users: np.ndarray, items: np.ndarray, ts: np.ndarray, max_per_user: int | None
+    users: np.ndarray, items: np.ndarray, ts: np.ndarray, max_per_user: int | None, dropped: dict[str, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort rows by (user, ts, item), drop repeats and unknown ids, keep each user's last rows."""
+    """Sort rows by (user, ts, item), drop unknown ids and repeats, keep each user's last rows.
+
+    Adds the number of rows dropped for each reason to `dropped`.
+    """
     known = (users > 0) & (items > 0)
     if not known.all():
+        dropped["unknown user or item"] += int((~known).sum())
         users, items, ts = users[known], items[known], ts[known]
     if len(users) > 1:
-        same_user = users[1:] == users[:-1]
-        same_ts = same_user & (ts[1:] == ts[:-1])
-        in_order = (users[1:] > users[:-1]) | (same_user & (ts[1:] > ts[:-1])) | (same_ts & (items[1:] >= items[:-1]))
-        if not in_order.all():
+        du, dts, di = np.diff(users), np.diff(ts), np.diff(items)
+        if not ((du > 0) | ((du == 0) & ((dts > 0) | ((dts == 0) & (di >= 0))))).all():
             order = np.lexsort((items, ts, users))
             users, items, ts = users[order], items[order], ts[order]
-        repeat = (users[1:] == users[:-1]) & (ts[1:] == ts[:-1]) & (items[1:] == items[:-1])
+            du, dts, di = np.diff(users), np.diff(ts), np.diff(items)
+        repeat = (du == 0) & (dts == 0) & (di == 0)
         if repeat.any():
+            dropped["repeated (user, item, ts)"] += int(repeat.sum())
             keep = np.concatenate([[True], ~repeat])
             users, items, ts = users[keep], items[keep], ts[keep]
     if max_per_user is not None and len(users):
@@ -394,6 +405,7 @@ def _sort_dedup_cap(
         from_end = np.repeat(boundary[1:], sizes) - 1 - np.arange(len(users))
         keep = from_end < max_per_user
         if not keep.all():
+            dropped[f"older than the last {max_per_user} of their user"] += int((~keep).sum())
             users, items, ts = users[keep], items[keep], ts[keep]
     return users, items, ts
 
@@ -407,7 +419,7 @@ class _NpyAppender:
         self.file.write(b"\0" * _NPY_HEADER_BYTES)
 
     def append(self, values: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        np.ascontiguousarray(values, dtype=self.dtype).tofile(self.file)
         self.count += len(values)
 
     def close(self) -> None:
@@ -434,15 +446,16 @@ def _write(
     if len(item_categories) - 1 >= np.iinfo(np.int32).max:
         raise ValueError("more than 2^31 items: the int32 item_ids layout cannot hold them")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    files: dict[str, _NpyAppender] = {}
     try:
         files = {name: _NpyAppender(tmp / f"{name}.npy", dtype) for name, dtype in _VALUE_FILES.items()}
         lengths = np.zeros(num_users + 1, dtype=np.int64)
+        dropped: dict[str, int] = defaultdict(int)
         written, last_report = 0, time.perf_counter()
         for (users, items, ts), u0, u1 in blocks:
-            users, items, ts = _sort_dedup_cap(users, items, ts, max_per_user)
+            users, items, ts = _sort_dedup_cap(users, items, ts, max_per_user, dropped)
             lengths[u0:u1] = np.bincount(users - u0, minlength=u1 - u0)
             files["item_ids"].append(items)
             files["category_ids"].append(item_categories[items])
@@ -454,6 +467,8 @@ def _write(
                 last_report = time.perf_counter()
         for appender in files.values():
             appender.close()
+        for reason, count in dropped.items():
+            log.warning("store: %d row(s) skipped: %s", count, reason)
         offsets = np.zeros(num_users + 2, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(tmp / "offsets.npy", offsets)
@@ -470,6 +485,8 @@ def _write(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
+        for appender in files.values():
+            appender.file.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SequenceStore(out_dir)

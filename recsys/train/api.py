@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import polars as pl
@@ -193,16 +194,12 @@ def train_model(
         resume: continue from out_dir/checkpoint.pt (same MLflow run) instead of starting over.
         tracking_uri: MLflow URI (default: MLFLOW_TRACKING_URI, else DATA/runs/mlflow.db).
         track: log to MLflow and register; False trains and evaluates only.
-    Sets torch's intra-op threads to `config.threads` for the run and restores them after.
+    Torch runs with `config.threads` intra-op threads for the call (restored after).
     """
     layout = layout if isinstance(layout, DataLayout) else DataLayout(layout)
     config.validate()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) - config.num_workers))
-    try:
+    with torch_threads(config.threads):
         return _train(layout, config, out_dir, resume, tracking_uri, track, progress, run_name)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(
@@ -215,7 +212,7 @@ def _train(
     progress: bool,
     run_name: str | None,
 ) -> TrainResult:
-    from recsys.train import tracking
+    from recsys.train import tracking  # MLflow is slow to import; untracked runs skip it
 
     out_dir = Path(out_dir) if out_dir else default_out_dir(layout, config)
     checkpoint = out_dir / "checkpoint.pt"
@@ -299,9 +296,15 @@ def evaluate_on_split(
     embedding_dtype: str = "float16",
     batch_size: int = 2048,
     num_workers: int = 0,
+    threads: int = 1,
     progress: bool = True,
 ) -> EvalReport:
     """Exact metrics of a trained model on the test half of a folder's time split."""
+    with torch_threads(threads):
+        return _evaluate(layout, model, feature_config, test_fraction, embedding_dtype, batch_size, num_workers, progress)
+
+
+def _evaluate(layout, model, feature_config, test_fraction, embedding_dtype, batch_size, num_workers, progress) -> EvalReport:
     layout = layout if isinstance(layout, DataLayout) else DataLayout(layout)
     split = ensure_time_split(layout, test_fraction)
     needs_table = model.spec.multimodal or feature_config.gsu_policy == "muse"
@@ -311,6 +314,17 @@ def evaluate_on_split(
     stream, prepare = _stream(layout, model, feature_config, table_dtype, split.test, batch_size)
     return evaluate_model(model, stream, item_popularity(split, Vocab.load(layout.vocab("item_id"))),
                           num_workers=num_workers, progress=progress, prepare=prepare)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with `count` torch intra-op threads, then restore the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _write_json(path: Path, obj) -> None:

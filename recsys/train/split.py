@@ -101,12 +101,6 @@ def ensure_time_split(
     return Split(folder / "train.parquet", folder / "test.parquet", train.num_rows, test.num_rows, test_fraction)
 
 
-def item_impression_counts(train_path: Path) -> dict[int, int]:
-    """Raw item id -> number of training impressions (the popularity used by bucketed GAUC)."""
-    counts = pl.read_parquet(train_path, columns=["item_id"]).group_by("item_id").len()
-    return dict(zip(counts["item_id"].to_list(), counts["len"].to_list()))
-
-
 def parquet_units(paths: list[Path]) -> list[tuple[Path, int, int]]:
     """(file, row group, rows) of every row group of `paths`, read from the footers only."""
     units = []

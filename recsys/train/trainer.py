@@ -8,7 +8,8 @@ A checkpoint is one file written atomically (temp name, then rename) holding the
 optimizer states, the torch RNG state, the data position (epoch, next batch of the plan) and the
 step counters. Resuming from it replays exactly what an uninterrupted run would have done: the
 data plan is a pure function of (seed, epoch) and the training RNG is restored, so the final
-weights and metrics match bit for bit.
+weights and metrics match bit for bit (given the same number of torch threads: a different
+thread count changes the order of float reductions; the number of workers does not matter).
 """
 from __future__ import annotations
 

@@ -65,3 +65,12 @@ def world(tmp_path_factory) -> World:
     table = EmbeddingTable.from_vectors(vectors, "float32")
     attrs = torch.tensor([[0, 0], [1, 2], [2, 1], [3, 3], [1, 1]])
     return World(store, table, UserFeatures(attrs, ["age", "gender"]), events)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids thread hand-off costs on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

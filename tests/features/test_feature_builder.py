@@ -49,6 +49,7 @@ def test_shapes_and_flattening(world):
     }.items():
         assert tuple(getattr(batch, name).shape) == shape, name
     assert batch.short_mask.dtype == torch.bool and batch.long_sims.dtype == torch.float32
+    assert repr(batch) == f"CTRBatch(rows={rows}, short={S}, long={K}, mm_dim={MM_DIM}, user_features=2, labels=yes, device=cpu)"
     # Row b * C + c is user b, candidate c.
     assert torch.equal(batch.request_index, torch.arange(b).repeat_interleave(c))
     assert torch.equal(batch.user_ids, USERS.repeat_interleave(c))
@@ -164,6 +165,9 @@ def test_concat_keeps_requests_apart_and_moves_devices(world):
     assert torch.equal(both.labels, torch.cat([torch.ones(6), torch.zeros(9)]))
     assert torch.equal(both.long_items, torch.cat([first.long_items, second.long_items]))
     assert CTRBatch.concat([first, builder.build(USERS[:1], _candidates(1, 1), TS[:1])]).labels is None
+    other_width = _builder(world, k=K + 1).build(USERS[:1], _candidates(1, 1), TS[:1])
+    with pytest.raises(ValueError, match="'long_items' has different widths"):
+        CTRBatch.concat([first, other_width])
     moved = both.to("cpu")
     assert moved.num_rows == both.num_rows and moved.target_mm.device.type == "cpu"
 

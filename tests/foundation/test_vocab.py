@@ -72,7 +72,8 @@ def test_every_encode_path_agrees(spread, queries):
     rng = np.random.default_rng(spread)
     keys = np.unique(rng.integers(0, 5_000, 3_000)) * spread - 777
     vocab = Vocab(rng.permutation(keys))  # dense order is not sorted order
-    raw = np.concatenate([keys, keys + 1, [keys.min() - 1, keys.max() + 1]])
+    extremes = [keys.min() - 1, keys.max() + 1, -(2**63), 2**63 - 1]  # wrap-around must not alias
+    raw = np.concatenate([keys, keys + 1, extremes])
     raw = raw[rng.integers(0, len(raw), queries)]
     expected = np.array([np.flatnonzero(vocab.keys == k)[0] + 1 if k in set(keys) else 0 for k in raw[:50]])
     got = vocab.encode(raw)
@@ -80,3 +81,5 @@ def test_every_encode_path_agrees(spread, queries):
     known = got > 0
     assert np.array_equal(vocab.keys[got[known] - 1], raw[known])
     assert (~known == ~np.isin(raw, keys)).all()
+    assert vocab.encode(np.array(extremes)).tolist() == [0, 0, 0, 0]
+    assert vocab.encode(np.int64(keys[0])).shape == ()

@@ -13,6 +13,12 @@ from topk_checks import assert_valid_topk, make_table
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 
 
+@pytest.fixture
+def force_screen(monkeypatch):
+    """Lets the bfloat16 screen run on histories too short for it to be chosen by default."""
+    monkeypatch.setattr(cpu_topk, "EXACT_MAX_LENGTH_PER_KEPT", 1)
+
+
 def random_batch(n_items, batch, width, n_cands, lengths, seed=0, pad_prob=0.0):
     gen = torch.Generator().manual_seed(seed)
     history = torch.randint(1, n_items + 1, (batch, width), generator=gen)
@@ -25,9 +31,11 @@ def random_batch(n_items, batch, width, n_cands, lengths, seed=0, pad_prob=0.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_cands", [1, 9])
-def test_cpu_matches_reference(dtype, n_cands):
-    # 9 candidates screen in bfloat16, 1 in float32; widths not multiples of anything.
+@pytest.mark.parametrize(("n_cands", "screened"), [(1, False), (9, False), (9, True)])
+def test_cpu_matches_reference(dtype, n_cands, screened, monkeypatch):
+    # The exact strategy, and the bfloat16 screen (forced here); widths not multiples of anything.
+    if screened:
+        monkeypatch.setattr(cpu_topk, "EXACT_MAX_LENGTH_PER_KEPT", 1)
     table = make_table(400, 24, dtype)
     candidates, history, lengths = random_batch(400, 4, 333, n_cands, [333, 0, 17, 250], pad_prob=0.05)
     k = 20
@@ -40,7 +48,7 @@ def test_cpu_matches_reference(dtype, n_cands):
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
-def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch):
+def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch, force_screen):
     # Tables too large for a bfloat16 copy are normalised chunk by chunk instead.
     table = make_table(400, 24, torch.float16)
     candidates, history, lengths = random_batch(400, 3, 150, 9, [150, 80, 0], pad_prob=0.05)
@@ -50,13 +58,14 @@ def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch):
     assert torch.equal(prepared[1], per_chunk[1]) and torch.equal(prepared[0], per_chunk[0])
 
 
-def test_prepared_copy_follows_in_place_edits_of_the_table():
+def test_prepared_copy_follows_in_place_edits_of_the_table(force_screen):
     table = make_table(100, 16)
     candidates, history, lengths = random_batch(100, 1, 60, 9, [60])
     cosine_topk(table, candidates, history, lengths, 5)
-    table[history[0, 7]] = table[candidates[0, 0]]  # now the best match of candidate 0
+    edited = history[0, 7]
+    table[edited] = table[candidates[0, 0]]  # now the best match of candidate 0
     scores, positions = cosine_topk(table, candidates, history, lengths, 5)
-    assert positions[0, 0, 0] == 7 and scores[0, 0, 0] == pytest.approx(1.0, abs=1e-6)
+    assert history[0, positions[0, 0, 0]] == edited and scores[0, 0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_small_budgets_force_many_chunks_and_blocks(monkeypatch):
@@ -65,8 +74,8 @@ def test_small_budgets_force_many_chunks_and_blocks(monkeypatch):
     table = make_table(300, 8)
     candidates, history, lengths = random_batch(300, 5, 201, 3, [201, 64, 0, 1, 150], pad_prob=0.1)
     ref = cosine_topk_reference(table, candidates, history, lengths, 6)
-    for screen in (torch.bfloat16, torch.float32):
-        fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 6, screen_dtype=screen)
+    for screen in (True, False):
+        fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 6, screen=screen)
         assert torch.equal(fast[1], ref[1])
         torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
@@ -82,29 +91,29 @@ def near_tie_case():
     return table, torch.ones(1, 8, dtype=torch.int64), history, torch.tensor([60])
 
 
-def count_calls(monkeypatch, name):
+def count_calls(monkeypatch, name, owner=cpu_topk):
     calls = []
-    original = getattr(cpu_topk, name)
-    monkeypatch.setattr(cpu_topk, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
     return calls
 
 
-def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch):
+def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch, force_screen):
     table, candidates, history, lengths = near_tie_case()
-    selects = count_calls(monkeypatch, "_select")
-    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen_dtype=torch.bfloat16, margin=4)
+    selects = count_calls(monkeypatch, "select", cpu_topk._Screener)
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=4)
     assert len(selects) > 1  # the first screen (14 survivors) could not prove itself
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
-def test_past_max_keep_an_exact_scan_takes_over(monkeypatch):
+def test_past_max_keep_the_exact_strategy_takes_over(monkeypatch, force_screen):
     monkeypatch.setattr(cpu_topk, "MAX_KEEP", 20)
     table, candidates, history, lengths = near_tie_case()
-    scans = count_calls(monkeypatch, "_exact_topk")
-    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen_dtype=torch.bfloat16, margin=4)
-    assert len(scans) == 8
+    scans = count_calls(monkeypatch, "_exact_block")
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=4)
+    assert len(scans) == 1  # once, for the 8 unproven candidates together
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
@@ -112,7 +121,7 @@ def test_past_max_keep_an_exact_scan_takes_over(monkeypatch):
 
 def test_grouped_selection_matches_reference(monkeypatch):
     # Long chunks select through group maxima; lower the threshold so a small input takes that path.
-    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_COLUMNS_PER_KEPT", 2)
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_ROWS_PER_KEPT", 2)
     table = make_table(2000, 16, torch.float16)
     candidates, history, lengths = random_batch(2000, 2, 1024, 9, [1024, 700], pad_prob=0.02)
     grouped = []
@@ -127,7 +136,7 @@ def test_grouped_selection_matches_reference(monkeypatch):
 
 def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatch):
     # Negative bf16 scores do not order like their int16 bits: the grouped screen must not be trusted.
-    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_COLUMNS_PER_KEPT", 2)
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_ROWS_PER_KEPT", 2)
     gen = torch.Generator().manual_seed(4)
     base = torch.nn.functional.normalize(torch.randn(1, 16, generator=gen), dim=1)
     rows = torch.nn.functional.normalize(base + 0.3 * torch.randn(512, 16, generator=gen), dim=1)
@@ -135,7 +144,7 @@ def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatc
     history = torch.arange(2, 514).unsqueeze(0)
     candidates = torch.ones(1, 8, dtype=torch.int64)
     lengths = torch.tensor([512])
-    selects = count_calls(monkeypatch, "_select")
+    selects = count_calls(monkeypatch, "select", cpu_topk._Screener)
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5, margin=3)
     assert len(selects) > 1
     ref = cosine_topk_reference(table, candidates, history, lengths, 5)

@@ -74,3 +74,12 @@ def make_batch():
 @pytest.fixture
 def make_config():
     return small_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids thread hand-off costs on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -151,8 +151,8 @@ def test_sata_fused_logits_formula(gen):
     q, keys = torch.randn(R, D, generator=gen), torch.randn(R, L, D, generator=gen)
     rel = torch.rand(R, L, generator=gen)
     a_id = torch.einsum("rld,rd->rl", layer.w_k(keys), layer.w_q(q)) / 2.0
-    r = rel / 0.1
-    assert torch.allclose(layer.logits(q, keys, mask, rel), 0.5 * a_id + 2.0 * r - 1.5 * a_id * r, atol=1e-5)
+    expected = 0.5 * a_id + 2.0 * rel / 0.1 - 1.5 * a_id * rel
+    assert torch.allclose(layer.logits(q, keys, mask, rel), expected, atol=1e-5)
     assert torch.allclose(layer.temperature, torch.tensor(0.1))
 
 

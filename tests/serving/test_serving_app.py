@@ -5,6 +5,7 @@ finishes; the real Ranker behind the same app is covered in test_serving_ranker.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from recsys.serving.app import ServeSettings, create_app
+from recsys.serving.pool import Overloaded, ScoringPool
 from recsys.serving.reload import AliasPoller, ModelHolder
 from recsys.serving.schemas import INT64_MAX, INT64_MIN
 
@@ -244,3 +246,12 @@ def test_fuzz_raw_bytes_never_break_the_service(fuzz_client, raw):
     assert response.status_code in (200, 400, 413, 422), response.text
     assert response.json()["error"] if response.status_code != 200 else response.json()["items"]
     assert fuzz_client.get("/healthz").status_code == 200
+
+
+def test_scoring_pool_runs_calls_and_refuses_them_once_closed():
+    pool = ScoringPool(threads=1, max_in_flight=1, timeout_s=5.0)
+    assert asyncio.run(pool.run(lambda a, b: a + b, 2, 3)) == 5
+    pool.close()
+    assert not pool.accepting
+    with pytest.raises(Overloaded):
+        asyncio.run(pool.run(lambda: 1))

@@ -39,8 +39,9 @@ def test_online_scores_equal_batch_scores(ranker, data_folder):
     batch = ranker.score_batch(users, candidates, ts).probabilities
     np.testing.assert_allclose(online, batch, atol=ATOL, rtol=0)
     # Splitting the batch into chunks (as batch scoring of large inputs does) changes nothing either.
-    small = Ranker(ranker.model, ranker.features, ranker.user_vocab, ranker.item_vocab, "x", max_rows=40)
-    np.testing.assert_allclose(small.score_batch(users, candidates, ts).probabilities, batch, atol=ATOL, rtol=0)
+    for limits in ({"max_rows": 40}, {"max_history_cells": 200}):
+        chunked = Ranker(ranker.model, ranker.features, ranker.user_vocab, ranker.item_vocab, "x", **limits)
+        np.testing.assert_allclose(chunked.score_batch(users, candidates, ts).probabilities, batch, atol=ATOL, rtol=0)
     # Nor does scoring each candidate alone, as impression-level batch scoring does (C = 1).
     single = ranker.score_batch(np.repeat(users, 15), candidates.reshape(-1, 1), np.repeat(ts, 15)).probabilities
     np.testing.assert_allclose(single.reshape(batch.shape), batch, atol=ATOL, rtol=0)

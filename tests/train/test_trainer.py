@@ -39,7 +39,7 @@ def test_stream_order_is_fixed_by_seed_and_epoch_whatever_the_workers(tiny_data)
 
 def _config(**changes) -> TrainConfig:
     base = dict(model="muse", batch_size=256, eval_batch_size=256, epochs=2, history_len=40, short_len=8, top_k=8,
-                num_workers=0, log_every=2, dense_lr=3e-3, sparse_lr=3e-2, embedding_dim=8,
+                num_workers=0, threads=1, log_every=2, dense_lr=3e-3, sparse_lr=3e-2, embedding_dim=8,
                 model_options={"tower_hidden": [32, 16], "din_hidden": [16], "attention_dim": 8})
     return TrainConfig.from_dict({**base, **changes})
 
