@@ -12,8 +12,8 @@ Measures, on one synthetic data folder whose users each have 100,000 behaviours:
 The model is freshly initialised (scores are meaningless, cost is that of a trained model of
 the same shape) unless --model-uri names a trained one. Only 127.0.0.1 is ever contacted.
 
-    python benchmarks/serving.py                 # full run, about 5 minutes on 2 cores
-    python benchmarks/serving.py --quick         # fewer repeats, shorter load test
+    python benchmarks/serving.py                 # full run (30 s budget per case, 10 s per load level)
+    python benchmarks/serving.py --quick         # 8 s per case, 4 s per load level
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@
    excludes the child's imports.
 2. Rebuilds the store alone from that folder's events.parquet in another child process: the
    build time and peak memory (targets: under 60 s and 4 GB on 2 cores).
+   Before both, the numpy generation alone (no files) is timed the same way.
 3. Times `SequenceStore.history()` for batches of 256 random users at random cut times, at
    max_len 1,000 / 10,000 / 100,000, after one warm-up batch (page cache hot), side by side with
    a one-gather baseline (numpy fancy indexing of all [B, W] positions) on the same batches.
@@ -57,6 +58,19 @@ def generate(args: argparse.Namespace) -> dict:
         "t = time.perf_counter()\n"
         f"write(c, {str(args.data)!r})\n"
         "print(json.dumps({'seconds': round(time.perf_counter() - t, 2)}))\n"
+    )
+    return _child(code)
+
+
+def generate_only(args: argparse.Namespace) -> dict:
+    """The numpy generation alone (every block produced, then dropped): no Parquet, no store."""
+    code = (
+        "import json, time\n"
+        "from recsys.data import synthetic\n"
+        f"c = synthetic.SyntheticConfig(users={args.users}, history_len={args.history_len}, items={args.items}, seed=0)\n"
+        "t = time.perf_counter()\n"
+        "rows = sum(len(b.events['item']) for b in synthetic._blocks(c, synthetic.build_world(c)))\n"
+        "print(json.dumps({'seconds': round(time.perf_counter() - t, 2), 'behaviours': rows}))\n"
     )
     return _child(code)
 
@@ -148,6 +162,7 @@ def main() -> None:
         from recsys.data.folder import is_complete
         from recsys.paths import DataLayout
 
+        result["generate_events_only"] = generate_only(args)
         if not (args.reuse and is_complete(DataLayout(args.data))):
             result["generate_folder"] = generate(args)
         result["store_build"] = build(args)

@@ -59,6 +59,9 @@ EXACT_MAX_LENGTH_PER_KEPT = 8
 # KEEP_GROWTH times more survivors; beyond MAX_KEEP the exact strategy takes over.
 KEEP_GROWTH = 4
 MAX_KEEP = 4096
+# Re-scoring uses one matmul against the distinct survivors while they number at most this many
+# per survivor slot (matmul FLOPs are ~30x cheaper than a gathered row-wise product's).
+MATMUL_MAX_DISTINCT_PER_KEPT = 32
 # The grouped selection pays off once a chunk has this many rows per survivor.
 GROUPED_MIN_ROWS_PER_KEPT = 32
 # Tables up to this many elements get a normalised bfloat16 copy for screening (see _screen_copy).
@@ -136,6 +139,8 @@ def cosine_topk_cpu(
     while start < batch and sorted_lengths[start] > 0:
         block_len = sorted_lengths[start]
         cols = min(block_len, max(keep, min(SCORE_BUDGET // n_cands, ROW_BUDGET // dim)))
+        if cols < block_len and cols >= 2048:  # whole chunks split evenly into selection groups
+            cols -= cols % 1024
         users = max(1, min(SCORE_BUDGET // (n_cands * cols), ROW_BUDGET // (dim * cols)))
         plans.append((order[start : start + users], block_len, cols))
         start += users
@@ -201,6 +206,34 @@ def _exact_block(
     missing = k - scores.shape[-1]
     scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
     return scores, torch.nn.functional.pad(positions, (0, missing), value=-1)
+
+
+def _exact_scores(table: torch.Tensor, unit_cands: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 cosines of candidates [Bb, C, D] with their own items ids [Bb, C, m] -> [Bb, C, m].
+
+    Each distinct item among a group of candidates' survivors is gathered and normalised once.
+    Where the survivors of different candidates overlap a lot, one matmul against the distinct
+    items is cheapest; otherwise a row-wise product and sum over the gathered unit rows. Either way
+    every item's score is computed once per candidate, from the same bits, so duplicates of one
+    item tie exactly (see `_exact_block`). Also returns eligible [Bb, C, m]: id and row non-zero.
+    """
+    n_users, n_cands, m = ids.shape
+    exact = torch.empty(ids.shape, dtype=torch.float32)
+    eligible = torch.empty(ids.shape, dtype=torch.bool)
+    step = max(1, min(ROW_BUDGET // (n_users * m * table.shape[1]), math.isqrt(SCORE_BUDGET // (n_users * m))))
+    for c0 in range(0, n_cands, step):
+        sub = ids[:, c0 : c0 + step]
+        cands = unit_cands[:, c0 : c0 + step]
+        distinct, index = _distinct_rows(sub.reshape(n_users, -1))
+        rows = _unit(table[distinct].float())  # [Bb, U, D]
+        if distinct.shape[1] <= MATMUL_MAX_DISTINCT_PER_KEPT * m:
+            by_item = torch.bmm(cands, rows.transpose(1, 2))  # [Bb, c, U]
+            exact[:, c0 : c0 + step] = by_item.gather(2, index.view_as(sub))
+        else:
+            picked = rows.gather(1, index.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # [Bb, c*m, D]
+            exact[:, c0 : c0 + step] = (picked.view(*sub.shape, -1) * cands.unsqueeze(2)).sum(-1)
+        eligible[:, c0 : c0 + step] = (distinct != 0).logical_and_(rows.ne(0).any(-1)).gather(1, index).view_as(sub)
+    return exact, eligible
 
 
 def _distinct_rows(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,14 +313,8 @@ class _Screener:
         kept = approx.shape[-1]
 
         ids = history.gather(1, positions.flatten(1)).view_as(positions)  # [Bb, C, kept]
-        exact = torch.empty(approx.shape, dtype=torch.float32)
-        eligible = torch.empty(approx.shape, dtype=torch.bool)
-        step = max(1, ROW_BUDGET // (ids.shape[0] * kept * table.shape[1]))
-        for c0 in range(0, ids.shape[1], step):
-            rows = table[ids[:, c0 : c0 + step]]
-            eligible[:, c0 : c0 + step] = rows.ne(0).any(-1)
-            exact[:, c0 : c0 + step] = (_unit(rows.float()) * unit_cands[:, c0 : c0 + step].unsqueeze(2)).sum(-1)
-        eligible &= (ids != 0) & (positions < lengths.view(-1, 1, 1))
+        exact, eligible = _exact_scores(table, unit_cands, ids)
+        eligible &= positions < lengths.view(-1, 1, 1)
 
         # Every eligible behaviour left out scores at most the lowest survivor's approximate
         # score, ineligible survivors included (the module docstring has the argument).

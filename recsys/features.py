@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -305,10 +305,50 @@ def _as_long(name: str, values: Any) -> torch.Tensor:
     return tensor.long()
 
 
+# Elements of one [users, C, M, D] product in `_cosines`: bounds the memory of a chunk (64 MiB).
+_COSINE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _cosines(
+    lookup: Callable[[torch.Tensor], torch.Tensor], dim: int, targets: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Cosine of each target's vector with each of its rows' vectors, identical bits at any batch shape.
+
+    Args:
+        lookup: dense ids [...] -> float vectors [..., D] (zero rows for unknown items).
+        dim: D.
+        targets: LongTensor [B, C].
+        ids: LongTensor [B, M] (rows shared by a user's C targets) or [B, C, M].
+
+    Returns:
+        float32 [B, C, M]; 0 where either vector is zero.
+
+    A matmul's result bits depend on the batch shape (its blocking does), which would make a
+    candidate scored in a request of 1,000 differ from the same candidate scored alone. An
+    elementwise product summed over the contiguous last dim is reduced the same way for every row
+    whatever the batch, so these cosines are bit-identical online and offline.
+    """
+    b, c = targets.shape
+    m = ids.shape[-1]
+    out = torch.zeros(b, c, m)
+    if out.numel() == 0:
+        return out
+    step = max(1, _COSINE_CHUNK_ELEMENTS // max(1, c * m * dim))
+    for start in range(0, b, step):
+        part = slice(start, start + step)
+        target = _unit(lookup(targets[part])).unsqueeze(2)  # [b, C, 1, D]
+        rows = _unit(lookup(ids[part]))  # [b, M, D] or [b, C, M, D]
+        if rows.dim() == 3:
+            rows = rows.unsqueeze(1)
+        out[part] = (target * rows).sum(-1)
+    return out
+
+
 def _unit(vectors: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit norm; zero rows (unknown items) stay zero."""
-    norms = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-    return vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny)
+    """Rows scaled to unit norm (float32 [..., D]); zero rows (unknown items) stay zero."""
+    vectors = vectors.float()
+    norms = (vectors * vectors).sum(-1, keepdim=True).sqrt()
+    return vectors / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _unknown_beyond(ids: torch.Tensor, rows: int) -> torch.Tensor:
@@ -428,9 +468,7 @@ class FeatureBuilder:
         short = history.recent(cfg.short_len)
         short_mask = short.mask()
         target_mm = self._mm(candidates)  # [B, C, D]
-        # Cosines, like the GSU's: int8 rows are only unit norm up to rounding.
-        short_mm_sims = torch.bmm(_unit(target_mm), _unit(self._mm(short.item_ids)).transpose(1, 2))
-        short_mm_sims = short_mm_sims.masked_fill(~short_mask.unsqueeze(1), 0.0)  # [B, C, S]
+        short_mm_sims = self._mm_cosines(candidates, short.item_ids).masked_fill(~short_mask.unsqueeze(1), 0.0)
 
         if cfg.gsu_policy is None or cfg.k == 0:
             empty_ids = torch.zeros(rows, 0, dtype=torch.long)
@@ -469,6 +507,12 @@ class FeatureBuilder:
             return torch.zeros(*ids.shape, 0)
         return self.table.lookup(ids)
 
+    def _mm_cosines(self, targets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Multimodal cosines [B, C, M] of targets [B, C] with items [B, M] or [B, C, M]; zeros without a table."""
+        if self.table is None:
+            return torch.zeros(*targets.shape, ids.shape[-1])
+        return _cosines(self.table.lookup, self.table.dim, targets, ids)
+
     def _select(
         self,
         history: HistoryBatch,
@@ -505,10 +549,19 @@ class FeatureBuilder:
             out = _pad_columns(values.to(dtype), cfg.k).reshape(rows, cfg.k)
             return out.masked_fill(~mask, 0)
 
+        # The GSU decides which behaviours; their similarities are recomputed here so that they do
+        # not depend on how many candidates the kernel scored at once (see `_cosines`).
+        mm_sims = self._mm_cosines(candidates, selection.item_ids)
+        if cfg.gsu_policy == "muse":
+            scores = mm_sims
+        elif cfg.gsu_policy == "sim-soft":
+            scores = _cosines(lambda ids: gsu_ids[ids], gsu_ids.shape[1], candidates, selection.item_ids)
+        else:
+            scores = selection.scores
         return {
             "long_items": column(selection.item_ids, torch.long),
             "long_categories": column(selection.category_ids, torch.long),
             "long_mask": mask,
-            "long_sims": column(selection.scores, torch.float32),
-            "long_mm_sims": column(selection.mm_similarities, torch.float32),
+            "long_sims": column(scores, torch.float32),
+            "long_mm_sims": column(mm_sims, torch.float32),
         }

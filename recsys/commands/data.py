@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     syn.add_argument("--topics", type=int, help="latent topics (default 64)")
     syn.add_argument("--dim", type=int, help="content vector dimension (default 64)")
     syn.add_argument("--impressions-per-user", type=int, help="labelled impressions per user (default 20)")
+    syn.add_argument("--history-days", type=int, help="days the history spans before the start date (default 365)")
     syn.add_argument("--days", type=int, help="daily partitions after the start date (default 0)")
     syn.add_argument("--start-date", help="first daily partition, YYYY-MM-DD (default 2026-01-01)")
     syn.add_argument("--daily-events-per-user", type=int, help="behaviours per user per day (default 10)")

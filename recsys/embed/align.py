@@ -129,10 +129,10 @@ def train_alignment(
     queue = MemoryQueue(config.queue_size, config.dim)
     pairs_t = torch.from_numpy(pairs)
     steps = max(1, (len(pairs_t) + config.batch_size - 1) // config.batch_size)
-    multi = torch.nonzero(mask.sum(dim=1) >= 2).flatten()
-    n_cross = int(round(config.cross_modal_ratio * config.batch_size)) if len(multi) else 0
+    multi_modal = mask.sum(dim=1) >= 2
+    n_cross = int(round(config.cross_modal_ratio * config.batch_size)) if bool(multi_modal.any()) else 0
     log.info(
-        "alignment: %d behaviour pairs (+%d cross-modal pairs per step), %d modalities, %d epochs of %d steps",
+        "alignment: %d behaviour pairs (+ up to %d cross-modal pairs per step), %d modalities, %d epochs of %d steps",
         len(pairs_t), n_cross, len(features), config.epochs, steps,
     )
 
@@ -149,7 +149,11 @@ def train_alignment(
             mask_a = drop_modalities(mask[a], config.modality_dropout, generator)
             mask_p = drop_modalities(mask[p], config.modality_dropout, generator)
             if n_cross:
-                items = multi[torch.randint(len(multi), (n_cross,), generator=generator)]
+                # Cross-modal items are drawn from this batch's positives, not uniformly from the
+                # catalogue: negatives then keep the positives' (popularity) distribution, and the
+                # model cannot lower the loss by learning "popular vs not" instead of similarity.
+                candidates = p[multi_modal[p]]
+                items = candidates[:n_cross]
                 view_a, view_p = split_modalities(mask[items], generator)
                 a, p = torch.cat([a, items]), torch.cat([p, items])
                 mask_a, mask_p = torch.cat([mask_a, view_a]), torch.cat([mask_p, view_p])

@@ -71,7 +71,7 @@ class AlignConfig:
     epochs: int = 4
     batch_size: int = 512
     lr: float = 2e-3
-    temperature: float = 0.07
+    temperature: float = 0.1
     # Memory queue of past batches' positive-side vectors, used as extra negatives (0 disables it).
     queue_size: int = 2048
     # Probability of hiding each present modality of an item during training, so that items

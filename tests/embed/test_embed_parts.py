@@ -83,7 +83,7 @@ def test_alignment_pulls_pairs_together_and_handles_missing_modalities():
     mask[5, 0] = False  # item 5 has no text
     ids = np.arange(1, n + 1)
     pairs = np.array([(i, j) for i in ids for j in ids if i != j and (i % groups) == (j % groups)])
-    model = train_alignment(features, mask, pairs, AlignConfig(dim=16, hidden=32, epochs=15, batch_size=32, queue_size=64))
+    model = train_alignment(features, mask, pairs, AlignConfig(dim=16, hidden=32, epochs=8, batch_size=64, queue_size=64))
     vectors = torch.from_numpy(project(model, features, mask))
     assert torch.count_nonzero(vectors[0]) == 0
     assert torch.allclose(vectors[1:].norm(dim=1), torch.ones(n), atol=1e-5)

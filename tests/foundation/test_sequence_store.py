@@ -1,5 +1,6 @@
 """SequenceStore: CSR layout, point-in-time histories, caps, merges; HistoryBatch helpers."""
 import json
+import logging
 
 import numpy as np
 import polars as pl
@@ -121,12 +122,17 @@ def test_max_per_user_keeps_most_recent(tmp_path):
         assert rows["item_ids"].tolist() == ref_items.tolist() and rows["ts"].tolist() == ref_ts.tolist()
 
 
-def test_unknown_ids_are_skipped(tmp_path):
-    events = pl.DataFrame({"user_id": [1, 1, 2, 3], "item_id": [10, 99, 10, 10], "ts": [1, 2, 3, 4]})
+def test_unknown_ids_and_repeats_are_skipped_and_counted(tmp_path, caplog):
+    events = pl.DataFrame({"user_id": [1, 1, 2, 3, 2], "item_id": [10, 99, 10, 10, 10], "ts": [1, 2, 3, 4, 3]})
     users = Vocab.from_values(np.array([1, 2]))
     items = Vocab.from_values(np.array([10]))
-    store = SequenceStore.build(events, tmp_path / "s", user_vocab=users, item_vocab=items, item_categories=np.array([0, 1]))
+    with caplog.at_level(logging.WARNING):
+        store = SequenceStore.build(events, tmp_path / "s", user_vocab=users, item_vocab=items,
+                                    item_categories=np.array([0, 1]))
     assert store.num_behaviours == 2 and store.lengths(np.array([1, 2])).tolist() == [1, 1]
+    assert "1 event(s) of 1 user(s) not in the user vocabulary" in caplog.text
+    assert "1 row(s) skipped: unknown user or item" in caplog.text
+    assert "1 row(s) skipped: repeated (user, item, ts)" in caplog.text
 
 
 def test_merge_equals_rebuild_on_all_data(tmp_path):

@@ -120,3 +120,13 @@ def test_bad_configs():
         SyntheticConfig(start_date="01/02/2026").check()
     with pytest.raises(UserError, match="cannot fill"):
         SyntheticConfig(items=10, topics=64).check()
+
+
+def test_cli(tmp_path, capsys):
+    from recsys.cli import main
+
+    code = main(["data", "synthetic", "--out", str(tmp_path / "d"), "--users", "5", "--history-len", "20",
+                 "--items", "200", "--topics", "8", "--days", "2", "--start-date", "2026-05-30", "--history-days", "30"])
+    assert code == 0 and '"num_behaviours": 100' in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "d" / "daily").iterdir()) == ["2026-05-30", "2026-05-31"]
+    assert main(["data", "synthetic", "--out", str(tmp_path / "e"), "--users", "0"]) == 2

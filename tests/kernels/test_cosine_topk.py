@@ -31,11 +31,14 @@ def random_batch(n_items, batch, width, n_cands, lengths, seed=0, pad_prob=0.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("n_cands", "screened"), [(1, False), (9, False), (9, True)])
-def test_cpu_matches_reference(dtype, n_cands, screened, monkeypatch):
-    # The exact strategy, and the bfloat16 screen (forced here); widths not multiples of anything.
-    if screened:
+@pytest.mark.parametrize(("n_cands", "strategy"), [(1, "exact"), (9, "exact"), (9, "screen"), (9, "screen-rowwise")])
+def test_cpu_matches_reference(dtype, n_cands, strategy, monkeypatch):
+    # The exact strategy, and the bfloat16 screen (forced here) with either way of re-scoring;
+    # widths not multiples of anything.
+    if strategy.startswith("screen"):
         monkeypatch.setattr(cpu_topk, "EXACT_MAX_LENGTH_PER_KEPT", 1)
+    if strategy == "screen-rowwise":
+        monkeypatch.setattr(cpu_topk, "MATMUL_MAX_DISTINCT_PER_KEPT", 0)
     table = make_table(400, 24, dtype)
     candidates, history, lengths = random_batch(400, 4, 333, n_cands, [333, 0, 17, 250], pad_prob=0.05)
     k = 20
@@ -151,8 +154,12 @@ def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatc
     assert torch.equal(fast[1], ref[1])
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpu"])
-def test_ties_go_to_the_most_recent_duplicate(impl):
+@pytest.mark.parametrize("impl", ["reference", "cpu", "cpu-screened"])
+def test_ties_go_to_the_most_recent_duplicate(impl, monkeypatch):
+    if impl == "cpu-screened":
+        monkeypatch.setattr(cpu_topk, "EXACT_MAX_LENGTH_PER_KEPT", 0)
+        monkeypatch.setattr(cpu_topk, "BF16_MIN_CANDIDATES", 1)
+        impl = "cpu"
     table = make_table(20, 8)
     history = torch.tensor([[5, 7, 5, 5, 9, 5, 0, 0]])
     candidates = torch.tensor([[5, 9]])

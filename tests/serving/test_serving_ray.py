@@ -33,7 +33,7 @@ def test_ray_serve_deployment_answers_like_the_in_process_ranker(data_folder, mo
     try:
         app = ranker_application(str(model_dirs[0]), root, ServeSettings(max_candidates=50), replicas=1)
         run_on_ray(app, "127.0.0.1", port, blocking=False)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             response = client.post("/rank", json={"user_id": user, "candidates": items})
             assert response.status_code == 200, response.text
             body = response.json()

@@ -120,3 +120,25 @@ def test_config_errors_that_need_the_data(tiny_data, tmp_path):
         train_model(tiny_data, _config(), out_dir=tmp_path, track=False, progress=False)
     with pytest.raises(UserError, match="no checkpoint"):
         train_model(tiny_data, _config(model="din"), out_dir=tmp_path / "new", resume=True, track=False, progress=False)
+
+
+def test_warm_start_grows_id_tables_and_keeps_trained_rows(tiny_data, tmp_path):
+    from recsys.features import FeatureMap
+    from recsys.models import ModelConfig, MuseModel
+    from recsys.models.io import save_model
+    from recsys.train.api import _warm_start
+
+    feature_map = FeatureMap.from_layout(tiny_data)
+    yesterday = MuseModel(ModelConfig.from_feature_map(feature_map, variant="din", id_dim=8, user_dim=8))
+    previous = yesterday.state_dict()
+    model_dir = save_model(yesterday, tmp_path / "day1")
+    grown = _warm_start(_config(model="din", warm_start=str(model_dir), vocab_sizes={"item_vocab_size": 500}),
+                        feature_map, tracking_uri="")
+    state = grown.state_dict()
+    item_table = "sequence_embeddings.embeddings.item.weight"
+    assert state[item_table].shape[0] == 500
+    rows = previous[item_table].shape[0]
+    assert torch.equal(state[item_table][:rows], previous[item_table])
+    assert all(torch.equal(state[name], value) for name, value in previous.items() if name != item_table)
+    with pytest.raises(UserError, match="it is a 'din' model, this run trains 'muse'"):
+        _warm_start(_config(warm_start=str(model_dir)), feature_map, tracking_uri="")
