@@ -111,8 +111,8 @@ def accuracy(layouts: dict[str, DataLayout], variants: tuple[str, ...], plan: Pl
             summary = {}
             for metric in (*METRICS, "train_samples_per_s"):
                 values = [float(r[metric]) for r in runs]
-                summary[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                                   "values": values}
+                summary[metric] = {"mean": float(np.mean(values)),
+                                   "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "values": values}
             summary["test_samples"] = int(runs[0]["samples"])
             results.setdefault(data_name, {})[variant] = summary
     return results
@@ -139,7 +139,8 @@ def table(results: dict) -> str:
     lines = [f"{'data':<12} {'model':<16} {'GAUC':>16} {'AUC':>16} {'logloss':>16}"]
     for data_name, per_variant in results.items():
         for variant, summary in per_variant.items():
-            cells = [f"{summary[m]['mean']:.4f} ± {summary[m]['std']:.4f}" for m in METRICS]
+            cells = [f"{summary[m]['mean']:.4f} ± {summary[m]['std']:.4f}" if summary[m]["std"] is not None
+                     else f"{summary[m]['mean']:.4f} (1 seed)" for m in METRICS]
             lines.append(f"{data_name:<12} {variant:<16} " + " ".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
@@ -149,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, capped steps, small synthetic set")
     parser.add_argument("--data-root", default=os.environ.get("MUSE_BENCH_DATA", str(REPO / "data" / "bench")),
                         help="where data folders and trained models go (default data/bench/, git-ignored)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the mode's seeds (full: 0 1 2, quick: 0)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--datasets", nargs="+", default=["movielens", "synthetic"], choices=["movielens", "synthetic"])
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ctr.json"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     plan = QUICK if args.quick else FULL
+    if args.seeds:
+        plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
     root = Path(args.data_root)
     out_root = root / ("bench-quick" if args.quick else "bench")
 
@@ -212,7 +216,8 @@ def _log_to_mlflow(root: Path, report: dict, json_path: Path) -> None:
             for variant, summary in per_variant.items():
                 for metric in METRICS:
                     flat[f"{data_name}.{variant}.{metric}_mean"] = summary[metric]["mean"]
-                    flat[f"{data_name}.{variant}.{metric}_std"] = summary[metric]["std"]
+                    if summary[metric]["std"] is not None:
+                        flat[f"{data_name}.{variant}.{metric}_std"] = summary[metric]["std"]
         if report["throughput_muse"]:
             for length in ("1000", "10000"):
                 flat[f"throughput.muse.h{length}_samples_per_s"] = report["throughput_muse"][length]["samples_per_s"]

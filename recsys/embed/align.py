@@ -9,6 +9,7 @@ inference still land near their neighbours.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -125,6 +126,10 @@ def train_alignment(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = AlignmentModel([f.shape[1] for f in features], config.hidden, config.dim)
+    # The queue is filled by a slowly moving (EMA) copy of the model, as in MoCo: vectors from the
+    # live model of past steps would be stale, and the model could lower the loss by drifting all
+    # items away from them together (which collapses the space) instead of separating items.
+    key_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     queue = MemoryQueue(config.queue_size, config.dim)
     pairs_t = torch.from_numpy(pairs)
@@ -162,7 +167,10 @@ def train_alignment(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            queue.push(zp, p)
+            with torch.no_grad():
+                for key_param, param in zip(key_model.parameters(), model.parameters()):
+                    key_param.lerp_(param, 1.0 - config.queue_momentum)
+                queue.push(key_model([f[p] for f in features], mask_p), p)
             total += float(loss.detach())
         log.info("alignment: epoch %d/%d, mean loss %.4f", epoch + 1, config.epochs, total / steps)
     return model.eval()

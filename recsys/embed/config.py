@@ -74,6 +74,8 @@ class AlignConfig:
     temperature: float = 0.1
     # Memory queue of past batches' positive-side vectors, used as extra negatives (0 disables it).
     queue_size: int = 2048
+    # EMA momentum of the key model that fills the queue (MoCo-style).
+    queue_momentum: float = 0.99
     # Probability of hiding each present modality of an item during training, so that items
     # missing a modality at inference still land near their neighbours.
     modality_dropout: float = 0.2

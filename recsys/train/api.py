@@ -244,6 +244,8 @@ def _train(
     )
     if resume:
         trainer.load_checkpoint(checkpoint)
+        _check_resumable(trainer.extra.get("train_config", {}), config, checkpoint)
+    trainer.extra["train_config"] = config.to_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = trainer.extra.get("mlflow_run_id") if resume else None
     tags = {"model": config.model, "data": str(layout.root.resolve())}
@@ -285,6 +287,19 @@ def _train(
                 version = str(registered.version)
                 promoted = promote_if_better(config.registered_model, version, "gauc", config.promote_margin, tracking_uri)
     return TrainResult(model_dir, metrics, report, run.run_id if run is not None else None, version, promoted, out_dir)
+
+
+# Fields a resumed run may change: they do not alter the optimisation trajectory.
+_RESUME_MAY_CHANGE = {"epochs", "max_steps", "num_workers", "checkpoint_every", "log_every", "eval_batch_size",
+                      "experiment", "registered_model", "promote_margin"}
+
+
+def _check_resumable(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
+    changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUME_MAY_CHANGE and k in saved and saved[k] != v)
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed)
+        raise UserError(f"--resume: {checkpoint} was trained with a different config ({detail}); "
+                        "resume with the same settings or start a new run in another --out folder")
 
 
 def evaluate_on_split(

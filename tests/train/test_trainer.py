@@ -58,6 +58,8 @@ def test_resume_gives_the_same_weights_and_metrics_as_an_uninterrupted_run(tiny_
     assert resumed.metrics["gauc"] == full.metrics["gauc"]
     assert resumed.metrics["logloss"] == full.metrics["logloss"]
     assert resumed.metrics["train_steps"] == full.metrics["train_steps"] == 12
+    with pytest.raises(UserError, match=r"different config \(dense_lr: 0.003 -> 0.01\)"):
+        train_model(tiny_data, _config(dense_lr=1e-2), out_dir=part, resume=True, track=False, progress=False)
 
 
 class _ExplodesAtThirdStep(nn.Module):
