@@ -172,11 +172,13 @@ def main() -> int:
                         help="users per config = max(1, behaviours // L), so every config scans as many behaviours")
     parser.add_argument("--max-reference-scores", type=float, default=2e8,
                         help="skip the reference where B*C*L exceeds this (its [B, C, L] sort)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="history lengths L (overrides the grid)")
+    parser.add_argument("--candidates", type=int, nargs="+", help="candidate counts C (overrides the grid)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    lengths_grid = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
-    cands_grid = [1, 100] if args.quick else [1, 100, 1_000]
+    lengths_grid = args.lengths or ([1_000, 10_000] if args.quick else [1_000, 10_000, 100_000])
+    cands_grid = args.candidates or ([1, 100] if args.quick else [1, 100, 1_000])
     n_items = args.items or (100_000 if args.quick else 1_000_000)
     repeats = args.repeats or (2 if args.quick else 3)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}[args.dtype]

@@ -171,9 +171,10 @@ def _exact_block(
 
     The score of a behaviour must not depend on where it sits, or duplicates of one item could
     differ in the last bit and break the tie toward the wrong one; a BLAS matmul does not promise
-    that across shapes. So a block that fits in one chunk is scored by one matmul over the distinct
-    items of each user, mapped back to positions; a longer one (few candidates, or the rare
-    fallback of `_Screener.widen`) by a row-wise product and sum, in chunks.
+    that across shapes (we saw it between chunks of 64 and 9 rows). So with many candidates a
+    block that fits in one chunk is scored by one matmul over the distinct items of each user,
+    mapped back to positions; otherwise (few candidates, long blocks, the rare fallback of
+    `_Screener.widen`) by a row-wise product and sum, in chunks.
 
     Args: unit_cands [Bb, C, D] float32; history [Bb, Lb]; lengths [Bb].
     Returns: scores float32 [Bb, C, k], positions int64 [Bb, C, k].
@@ -182,14 +183,13 @@ def _exact_block(
     n_cands = unit_cands.shape[1]
     position = torch.arange(block_len)
     valid = (history != 0) & (position < lengths.unsqueeze(1))
-    if block_len <= cols:
+    if n_cands >= BF16_MIN_CANDIDATES and block_len <= cols:
         distinct, index = _distinct_rows(history)  # [Bb, U], [Bb, Lb]
         rows = _unit(table[distinct].float())
         valid &= rows.ne(0).any(-1).gather(1, index)
         by_item = torch.bmm(unit_cands, rows.transpose(1, 2))  # [Bb, C, U]
         scores = by_item.gather(2, index.unsqueeze(1).expand(n_users, n_cands, block_len))
-        scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-        best = pack_keys(scores, position.expand_as(scores)).topk(min(k, block_len), dim=-1).values
+        best = _top_keys(scores.masked_fill_(~valid.unsqueeze(1), float("-inf")), 0, k)
     else:
         best = None
         step = max(1, min(cols, ROW_BUDGET // (n_users * n_cands * table.shape[1])))
@@ -197,15 +197,31 @@ def _exact_block(
             rows = _unit(table[history[:, c0 : c0 + step]].float())  # [Bb, n, D]
             ok = valid[:, c0 : c0 + step] & rows.ne(0).any(-1)
             scores = (rows.unsqueeze(1) * unit_cands.unsqueeze(2)).sum(-1)  # [Bb, C, n]
-            scores.masked_fill_(~ok.unsqueeze(1), float("-inf"))
-            keys = pack_keys(scores, position[c0 : c0 + step].expand_as(scores))
-            if best is not None:
-                keys = torch.cat([best, keys], dim=-1)
-            best = keys.topk(min(k, keys.shape[-1]), dim=-1).values
+            keys = _top_keys(scores.masked_fill_(~ok.unsqueeze(1), float("-inf")), c0, k)
+            best = keys if best is None else torch.cat([best, keys], dim=-1).topk(k, dim=-1).values
     scores, positions = unpack_keys(best)
     missing = k - scores.shape[-1]
     scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
     return scores, torch.nn.functional.pad(positions, (0, missing), value=-1)
+
+
+def _top_keys(scores: torch.Tensor, offset: int, k: int, extra: int = 8) -> torch.Tensor:
+    """Packed keys of the top-k of scores [..., n] (positions offset + column), ties to the recent.
+
+    Packing every score costs several int64 passes; instead a float top-(k + extra) is packed,
+    which holds every tie at the k-th value unless the tie runs past it: those rows are packed whole.
+    """
+    n = scores.shape[-1]
+    columns = torch.arange(offset, offset + n)
+    if n <= k + extra:
+        return pack_keys(scores, columns.expand_as(scores)).topk(min(k, n), dim=-1).values
+    top = scores.topk(k + extra, dim=-1)  # sorted, descending
+    best = pack_keys(top.values, top.indices + offset).topk(k, dim=-1).values
+    long_tie = top.values[..., -1] == top.values[..., k - 1]
+    if bool(long_tie.any()):
+        rows = scores[long_tie]
+        best[long_tie] = pack_keys(rows, columns.expand_as(rows)).topk(k, dim=-1).values
+    return best
 
 
 def _exact_scores(table: torch.Tensor, unit_cands: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +246,8 @@ def _exact_scores(table: torch.Tensor, unit_cands: torch.Tensor, ids: torch.Tens
             by_item = torch.bmm(cands, rows.transpose(1, 2))  # [Bb, c, U]
             exact[:, c0 : c0 + step] = by_item.gather(2, index.view_as(sub))
         else:
-            picked = rows.gather(1, index.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # [Bb, c*m, D]
+            flat = (index + distinct.shape[1] * torch.arange(n_users).unsqueeze(1)).flatten()
+            picked = rows.flatten(0, 1).index_select(0, flat)  # [Bb * c * m, D]
             exact[:, c0 : c0 + step] = (picked.view(*sub.shape, -1) * cands.unsqueeze(2)).sum(-1)
         eligible[:, c0 : c0 + step] = (distinct != 0).logical_and_(rows.ne(0).any(-1)).gather(1, index).view_as(sub)
     return exact, eligible

@@ -6,7 +6,8 @@
     samples   time split of the day's impressions into train/test
     train     warm start from yesterday's champion, train on the day
     evaluate  candidate and champion on the same test split
-    promote   champion unless GAUC falls below the champion's by more than `gauc_margin`; MLflow registry
+    promote   champion unless GAUC falls below the champion's by more than `gauc_margin`; MLflow registry;
+              the day's data folder (hard links) for serving
     score     batch scoring of the day's candidates with the champion (Ray Data, the online Ranker)
 
 Each stage is committed per date under the workspace (see pipelines.stage); `run_pipeline`
@@ -48,9 +49,10 @@ def stages() -> list[Stage]:
               outputs=("model/config.json", "metrics.json"), params=_section("train")),
         Stage("evaluate", model.evaluate, inputs=("ingest", "embed", "store", "train"), carries=("promote",),
               outputs=("evaluation.json",)),
-        Stage("promote", model.promote, inputs=("train", "evaluate"), outputs=("decision.json",),
+        Stage("promote", model.promote, inputs=("ingest", "embed", "store", "train", "evaluate"),
+              outputs=("decision.json", "data/store/meta.json"),
               params=_section("gauc_margin", "registered_model")),
-        Stage("score", score.run, inputs=("ingest", "embed", "store", "samples", "promote"), sources=score.sources,
+        Stage("score", score.run, inputs=("samples", "promote"), sources=score.sources,
               outputs=("scores",), params=_section("score_batch_size")),
     ]
 

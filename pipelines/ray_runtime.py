@@ -22,6 +22,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return

@@ -7,7 +7,9 @@ evaluate  the champion, if any, on the same test split, so both numbers are comp
 promote   the candidate becomes champion unless its GAUC falls below the champion's by more than
           `gauc_margin`; a promoted candidate is logged to MLflow, registered and given the
           `champion` alias. Output: decision.json (champion_model = the folder to serve and to
-          warm-start tomorrow from, relative to the workspace).
+          warm-start tomorrow from, relative to the workspace) and data/, the day's data folder
+          (hard links: tables, vocab/, store/, embeddings/) that the registered model and the
+          online service score against.
 
 The champion is read from yesterday's decision.json, never from the registry's current alias,
 so re-running or backfilling a date reproduces the same decision.
@@ -112,6 +114,7 @@ def promote(ctx: StageContext) -> None:
                    f"candidate GAUC {cand['gauc']:.5f} {'>=' if promoted else '<'} champion {champ['gauc']:.5f} - margin {margin:g}"),
     }
     log.info("%s promote: %s (%s)", ctx.date, "promoted" if promoted else "kept the champion", decision["reason"])
+    data_view(ctx, ctx.output / "data")
     if promoted:
         ctx.summary.update(register(ctx, candidate_model, cand))
     write_json_atomic(ctx.output / "decision.json", decision)
@@ -143,7 +146,8 @@ def register(ctx: StageContext, model_dir: Path, metrics: dict) -> dict:
         with start_run(uri, ctx.config.experiment, run_name=f"daily-{ctx.date}", tags=tags) as run:
             run.metrics({f"test_{k}": v for k, v in metrics.items()})
             embedding_dtype = train_config(ctx.config).embedding_dtype
-            model_uri = run.model(model_dir, {"data_dir": str(ctx.workspace.root), "embedding_dtype": embedding_dtype})
+            data_dir = ctx.workspace.stage_dir(ctx.date, "promote") / "data"  # where the committed view will be
+            model_uri = run.model(model_dir, {"data_dir": str(data_dir), "embedding_dtype": embedding_dtype})
         version = register_model(model_uri, name, uri, tags={**tags, "gauc": f"{metrics['gauc']:.6f}"})
         ctx.crash_point("after_register")
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)

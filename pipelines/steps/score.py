@@ -2,7 +2,8 @@
 
 Candidates: the day's candidates.parquet when the input folder has one (user_id, item_id, ts),
 else the day's test impressions (so every day yields offline scores next to their labels).
-Output: scores/part-NNNNN.parquet (the candidate columns + score).
+Scored against promote's data/ folder, the same one the registered model and the online service
+use. Output: scores/part-NNNNN.parquet (the candidate columns + score).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from pipelines.batch_score import batch_score
 from pipelines.config import PipelineConfig
 from pipelines.stage import StageContext
-from pipelines.steps.model import data_view, train_config
+from pipelines.steps.model import train_config
 
 
 def sources(date: dt.date, config: PipelineConfig) -> dict[str, Path]:
@@ -29,9 +30,7 @@ def run(ctx: StageContext) -> None:
     decision = json.loads((ctx.input("promote") / "decision.json").read_text())
     model_dir = ctx.workspace.root / decision["champion_model"]
     candidates = ctx.source_paths.get("candidates") or ctx.input("samples") / "test.parquet"
-    # Ray actors read the view: it lives in the scratch folder until the stage ends.
-    view = data_view(ctx, ctx.scratch / "data")
-    factory = functools.partial(Ranker.load, str(model_dir), str(view.root),
+    factory = functools.partial(Ranker.load, str(model_dir), str(ctx.input("promote") / "data"),
                                 table_dtype=train_config(ctx.config).embedding_dtype)
     ensure_ray()
     rows = batch_score(candidates, ctx.output / "scores", factory,

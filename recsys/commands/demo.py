@@ -46,20 +46,20 @@ def run(args: argparse.Namespace) -> int:
     (workspace / "mlflow").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    with _step("1/5 data: MovieLens-100K -> contract tables, vocabularies, SequenceStore", timings, "data"):
+    with _step("1/4 data: MovieLens-100K -> contract tables, vocabularies, SequenceStore", timings, "data"):
         layout = load_movielens(workspace / "movielens", wheel=args.wheel)
-    with _step("2/5 embeddings: item titles + co-occurrence -> 128-d vectors (Ray)", timings, "embed"):
+    with _step("2/4 embeddings: item titles + co-occurrence -> 128-d vectors (Ray)", timings, "embed"):
         embed_summary = _embed(layout)
     results = {}
     for model in args.models:
         config = TrainConfig(model=model, epochs=args.epochs, max_steps=args.max_steps, registered_model="muse-ctr",
                              experiment="muse-demo")
-        with _step(f"3/5 train + evaluate {model.upper()} (MLflow run, registered as muse-ctr)", timings, f"train_{model}"):
+        with _step(f"3/4 train + evaluate {model.upper()} (MLflow run, registered as muse-ctr)", timings, f"train_{model}"):
             results[model] = train_model(layout, config, out_dir=workspace / "training" / model,
                                          tracking_uri=tracking_uri, progress=False, run_name=f"demo-{model}")
     champion = champion_version("muse-ctr", tracking_uri)
     champion_model = next((m for m, r in results.items() if champion and r.version == str(champion.version)), None)
-    with _step("4/5 batch scoring with the champion (Ray Data, the online Ranker)", timings, "score"):
+    with _step("4/4 batch scoring with the champion (Ray Data, the online Ranker)", timings, "score"):
         scores = _batch_score(workspace, layout, tracking_uri)
     timings["total"] = time.perf_counter() - started
 

@@ -81,7 +81,7 @@ class AlignConfig:
     modality_dropout: float = 0.2
     # Cross-modal pairs added to each batch, as a share of `batch_size`: one item seen through two
     # disjoint sets of its modalities (e.g. text vs co-occurrence) is a positive pair.
-    cross_modal_ratio: float = 0.5
+    cross_modal_ratio: float = 1.0
 
 
 @dataclass

@@ -61,7 +61,7 @@ class ImpressionStream(IterableDataset):
 
     Args:
         files: impression Parquet files (user_id, item_id, ts, label; raw ids).
-        batch_size: rows per batch (the last batch of each row group may be smaller).
+        batch_size: rows per batch (the last batch of a row group holds 0.5 to 1.5 batches of rows).
         make_builder: picklable zero-argument callable returning the FeatureBuilder; called once
             per worker process (it opens the memory-mapped store and tables there).
         user_vocab, item_vocab: vocabulary files mapping raw ids to dense indices.
@@ -109,11 +109,19 @@ class ImpressionStream(IterableDataset):
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units))
 
     def plan(self) -> list[PlannedBatch]:
-        """Every batch of the current epoch, in the order the training loop receives them."""
+        """Every batch of the current epoch, in the order the training loop receives them.
+
+        A row group's tail shorter than half a batch joins the batch before it: tiny batches
+        give noisy steps, and a single-row batch breaks batch-statistics layers (Dice).
+        """
         batches = []
         for unit in self._unit_order():
             rows = self.units[unit][2]
-            batches.extend(PlannedBatch(int(unit), s, min(s + self.batch_size, rows)) for s in range(0, rows, self.batch_size))
+            starts = list(range(0, rows, self.batch_size))
+            if len(starts) > 1 and rows - starts[-1] < self.batch_size // 2:
+                starts.pop()
+            ends = starts[1:] + [rows]
+            batches.extend(PlannedBatch(int(unit), s, e) for s, e in zip(starts, ends))
         return batches
 
     def __len__(self) -> int:

@@ -169,6 +169,20 @@ def test_ties_go_to_the_most_recent_duplicate(impl, monkeypatch):
     assert positions[0, 1, 0] == 4
 
 
+@pytest.mark.parametrize("n_cands", [1, 9])
+def test_a_tie_longer_than_the_float_preselection_keeps_the_most_recent(n_cands):
+    # 20 copies of the target among 60 behaviours: the tie at the k-th score runs past the
+    # float top-(k + 8) that is packed first, so those rows are packed whole.
+    table = make_table(100, 16)
+    history = torch.randint(2, 101, (1, 60), generator=torch.Generator().manual_seed(6))
+    copies = torch.arange(1, 60, 3)
+    history[0, copies] = 1
+    candidates = torch.ones(1, n_cands, dtype=torch.int64)
+    scores, positions = cosine_topk(table, candidates, history, torch.tensor([60]), 4, impl="cpu")
+    assert (positions[0] == copies.flip(0)[:4]).all()
+    assert torch.equal(positions, cosine_topk_reference(table, candidates, history, torch.tensor([60]), 4)[1])
+
+
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
 def test_fewer_valid_than_k_and_empty_rows(impl):
     table = make_table(50, 8)

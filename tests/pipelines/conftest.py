@@ -6,9 +6,9 @@ import pytest
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance per test module (starting Ray costs seconds and ~1.5 GB)."""
+    """One local Ray instance for all pipeline tests (starting Ray costs seconds and ~1.5 GB)."""
     import ray
 
     from pipelines.ray_runtime import ensure_ray

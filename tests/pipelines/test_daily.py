@@ -1,6 +1,9 @@
 """The real daily DAG on a tiny synthetic data set: backfill, re-run, crash + resume, bad days.
 
 One module fixture backfills three days (the expensive part, run once); the other tests build on it.
+Marked slow (about 3 minutes on 2 busy cores, most of it Ray actor start-up and model loading
+in the score stage); `make test` covers the same guarantees on the stand-in DAG
+(test_stage_model.py), `make test-all` runs this one.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from pipelines.errors import EXIT_INPUT_INVALID, EXIT_INPUT_MISSING
 from pipelines.stage import CRASH_ENV
 from pipelines.workspace import MARKER_NAME, Workspace
 from recsys.cli import main as muse
+
+pytestmark = pytest.mark.slow
 
 DAYS = [dt.date(2026, 1, 1), dt.date(2026, 1, 2), dt.date(2026, 1, 3)]
 

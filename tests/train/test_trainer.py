@@ -37,6 +37,13 @@ def test_stream_order_is_fixed_by_seed_and_epoch_whatever_the_workers(tiny_data)
     assert _flatten(stream, 0) != alone  # a new epoch reshuffles
 
 
+def test_short_row_group_tails_join_the_batch_before(tiny_data):
+    sizes = [b.stop - b.start for b in _requests_stream(tiny_data, batch_size=100).plan()]
+    assert sizes == [100] * 13 + [140]  # 1,440 rows: a 40-row tail would be under half a batch
+    sizes = [b.stop - b.start for b in _requests_stream(tiny_data, batch_size=64).plan()]
+    assert sizes == [64] * 22 + [32]
+
+
 def _config(**changes) -> TrainConfig:
     base = dict(model="muse", batch_size=256, eval_batch_size=256, epochs=2, history_len=40, short_len=8, top_k=8,
                 num_workers=0, threads=1, log_every=2, dense_lr=3e-3, sparse_lr=3e-2, embedding_dim=8,
