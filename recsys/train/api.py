@@ -223,7 +223,8 @@ def _train(
     feature_map = FeatureMap.from_layout(layout)
     table_dtype = _table_dtype(layout, config)
 
-    tracking_uri = tracking.resolve_tracking_uri(layout, tracking_uri) if track or config.warm_start else None
+    registry_needed = track or config.warm_start.startswith("models:/")
+    tracking_uri = tracking.resolve_tracking_uri(layout, tracking_uri) if registry_needed else None
     torch.manual_seed(config.seed)
     if config.warm_start:
         model = _warm_start(config, feature_map, tracking_uri)

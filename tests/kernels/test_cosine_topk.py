@@ -73,6 +73,7 @@ def test_prepared_copy_follows_in_place_edits_of_the_table(force_screen):
 
 def test_small_budgets_force_many_chunks_and_blocks(monkeypatch):
     monkeypatch.setattr(cpu_topk, "SCORE_BUDGET", 256)
+    monkeypatch.setattr(cpu_topk, "SCREEN_SCORE_BUDGET", 256)
     monkeypatch.setattr(cpu_topk, "ROW_BUDGET", 512)
     table = make_table(300, 8)
     candidates, history, lengths = random_batch(300, 5, 201, 3, [201, 64, 0, 1, 150], pad_prob=0.1)
