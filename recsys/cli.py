@@ -11,6 +11,9 @@ import importlib
 import logging
 import sys
 
+# Defined outside this module so `python -m recsys.cli` catches the same class the commands raise.
+from recsys.errors import UserError
+
 # group name -> (module path, one-line help)
 COMMAND_GROUPS: dict[str, tuple[str, str]] = {
     "data": ("recsys.commands.data", "build contract tables from a source (movielens, taobao-mm, events, synthetic)"),
@@ -56,10 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         logging.getLogger("muse").error("%s", exc)
         return 2
-
-
-class UserError(Exception):
-    """An error caused by the user's input (bad file, flag or config): printed without a traceback."""
 
 
 if __name__ == "__main__":

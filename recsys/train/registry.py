@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
+from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -106,18 +108,21 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, map_locatio
         tracking_uri: the registry's tracking URI (default: MLFLOW_TRACKING_URI / mlflow's default).
     Returns:
         (MuseModel in eval mode, FeatureConfig it was trained with, info) where info holds
-        name, version, run_id, aliases, source and the local model directory.
+        name, version, run_id, aliases and source.
     """
     from recsys.models.io import load_feature_config, load_model_dir
 
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     version = resolve_model_uri(model_uri, tracking_uri)
-    model_dir = download_model_dir(f"models:/{version.name}/{version.version}", tracking_uri)
-    try:
-        model = load_model_dir(model_dir, map_location=map_location)
-        feature_config = load_feature_config(model_dir)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        raise UserError(f"{model_uri}: version {version.version} does not load with this code: {exc}") from None
+    # The weights are read fully into memory, so the downloaded copy is removed at once: a service
+    # that hot-reloads every new champion must not leave a model folder behind per reload.
+    with tempfile.TemporaryDirectory(prefix="muse-model-") as download_dir:
+        model_dir = download_model_dir(f"models:/{version.name}/{version.version}", tracking_uri, Path(download_dir))
+        try:
+            model = load_model_dir(model_dir, map_location=map_location)
+            feature_config = load_feature_config(model_dir)
+        except (RuntimeError, ValueError, FileNotFoundError) as exc:
+            raise UserError(f"{model_uri}: version {version.version} does not load with this code: {exc}") from None
     if feature_config is None:
         raise UserError(f"{model_uri}: version {version.version} was saved without its feature config")
     info = {
@@ -126,6 +131,5 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, map_locatio
         "run_id": version.run_id,
         "aliases": list(version.aliases or []),
         "source": version.source,
-        "model_dir": str(model_dir),
     }
     return model, feature_config, info
