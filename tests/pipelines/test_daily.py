@@ -1,9 +1,7 @@
 """The real daily DAG on a tiny synthetic data set: backfill, re-run, crash + resume, bad days.
 
-One module fixture backfills three days (the expensive part, run once); the other tests build on it.
-Marked slow (about 3 minutes on 2 busy cores, most of it Ray actor start-up and model loading
-in the score stage); `make test` covers the same guarantees on the stand-in DAG
-(test_stage_model.py), `make test-all` runs this one.
+One module fixture backfills three days (the expensive part, run once, about a minute on 2 cores,
+most of it Ray actor start-up and model loading in the score stage); the other tests build on it.
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ from pipelines.stage import CRASH_ENV
 from pipelines.workspace import MARKER_NAME, Workspace
 from recsys.cli import main as muse
 
-pytestmark = pytest.mark.slow
 
 DAYS = [dt.date(2026, 1, 1), dt.date(2026, 1, 2), dt.date(2026, 1, 3)]
 

@@ -10,8 +10,6 @@ import pytest
 from recsys.serving.app import ServeSettings
 from recsys.serving.ranker import Ranker
 
-pytestmark = pytest.mark.slow
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,6 +27,9 @@ def test_ray_serve_deployment_answers_like_the_in_process_ranker(data_folder, mo
     user, items = int(data_folder["users"][11]), data_folder["items"][:30].tolist()
     expected = Ranker.load(str(model_dirs[0]), root).score(user, items).probabilities
     port = _free_port()
+    # Another test module may have left a Ray instance with other settings in this process.
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         app = ranker_application(str(model_dirs[0]), root, ServeSettings(max_candidates=50), replicas=1)
