@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from recsys.atomic import atomic_directory
 from recsys.features import FeatureConfig
 from recsys.models.muse import ModelConfig, MuseModel
 
@@ -27,28 +26,14 @@ FORMAT_VERSION = 1
 
 def save_model(model: MuseModel, directory: str | os.PathLike, feature_config: FeatureConfig | None = None) -> Path:
     """Write `model` (and the feature config it was trained with) to `directory`, replacing it atomically."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         config = {"format": FORMAT_VERSION, "model": model.config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
         if feature_config is not None:
             (tmp / FEATURES_FILE).write_text(json.dumps(feature_config.to_dict(), indent=2) + "\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def load_model_config(directory: str | os.PathLike) -> ModelConfig:

@@ -11,14 +11,13 @@ and ``meta.json``; loading never unpickles anything and memory-maps the weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from recsys.atomic import atomic_directory
 
 _DTYPES = {
     "float32": torch.float32,
@@ -119,26 +118,12 @@ class EmbeddingTable:
 
     def save(self, directory: str | Path) -> Path:
         """Write the table atomically to `directory` (a folder), replacing any previous one."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             array = self.weights.view(torch.uint16) if self.dtype == "bfloat16" else self.weights
             np.save(tmp / "weights.npy", array.contiguous().numpy(), allow_pickle=False)
             meta = {"dtype": self.dtype, "scale": self.scale, "rows": self.num_rows, "dim": self.dim}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "EmbeddingTable":

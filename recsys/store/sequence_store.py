@@ -34,6 +34,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
+from recsys.atomic import replace_dir
 from recsys.cli import UserError
 from recsys.data.vocab import Vocab
 
@@ -483,22 +484,10 @@ def _write(
             "longest_history": int(lengths.max(initial=0)),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         for appender in files.values():
             appender.file.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SequenceStore(out_dir)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` in for `target` with renames, so readers never see a half-written store."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
