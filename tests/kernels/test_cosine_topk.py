@@ -31,14 +31,14 @@ def random_batch(n_items, batch, width, n_cands, lengths, seed=0, pad_prob=0.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("n_cands", "strategy"), [(1, "exact"), (9, "exact"), (9, "screen"), (9, "screen-rowwise")])
+@pytest.mark.parametrize(("n_cands", "strategy"), [(1, "exact"), (9, "exact"), (9, "screen"), (9, "screen-sliced")])
 def test_cpu_matches_reference(dtype, n_cands, strategy, monkeypatch):
-    # The exact strategy, and the bfloat16 screen (forced here) with either way of re-scoring;
-    # widths not multiples of anything.
+    # The exact strategy, and the bfloat16 screen (forced here), re-scoring in one slice or in
+    # many; widths not multiples of anything.
     if strategy.startswith("screen"):
         monkeypatch.setattr(cpu_topk, "EXACT_MAX_LENGTH_PER_KEPT", 1)
-    if strategy == "screen-rowwise":
-        monkeypatch.setattr(cpu_topk, "MATMUL_MAX_DISTINCT_PER_KEPT", 0)
+    if strategy == "screen-sliced":
+        monkeypatch.setattr(cpu_topk, "EXACT_SLICE_ROWS", 7)
     table = make_table(400, 24, dtype)
     candidates, history, lengths = random_batch(400, 4, 333, n_cands, [333, 0, 17, 250], pad_prob=0.05)
     k = 20
@@ -49,6 +49,31 @@ def test_cpu_matches_reference(dtype, n_cands, strategy, monkeypatch):
     # Random rows are well separated: the fast path picks exactly the reference positions.
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_cands", [1, 9])
+def test_the_table_is_never_modified(dtype, n_cands, force_screen):
+    # Preparing the normalised copy and scoring read the table; a float32 table is used as it is
+    # (no conversion copy), so an in-place step on it would corrupt the caller's embeddings.
+    table = make_table(300, 24, dtype)
+    before = table.clone()
+    candidates, history, lengths = random_batch(300, 2, 120, n_cands, [120, 60])
+    cosine_topk(table, candidates, history, lengths, 10)
+    cosine_topk(table, candidates, history, lengths, 10)
+    assert torch.equal(table, before)
+
+
+@pytest.mark.parametrize("n_cands", [1, 9])
+def test_calls_inside_and_outside_inference_mode_share_buffers(n_cands, force_screen):
+    # The reusable buffers outlive the call: one made under inference_mode must stay writable.
+    table = make_table(300, 24, torch.float16)
+    candidates, history, lengths = random_batch(300, 2, 120, n_cands, [120, 60])
+    cpu_topk._SCRATCH.__dict__.clear()  # this thread's buffers are then made inside inference mode
+    with torch.inference_mode():
+        inside = cosine_topk(table, candidates, history, lengths, 10)
+    outside = cosine_topk(table, candidates, history, lengths, 10)
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))
 
 
 def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch, force_screen):
@@ -71,10 +96,22 @@ def test_prepared_copy_follows_in_place_edits_of_the_table(force_screen):
     assert history[0, positions[0, 0, 0]] == edited and scores[0, 0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_slices_narrower_than_k(monkeypatch):
+    # Many users in one block make the exact strategy's row slices narrower than k.
+    monkeypatch.setattr(cpu_topk, "EXACT_SLICE_ROWS", 40)
+    table = make_table(300, 8)
+    candidates, history, lengths = random_batch(300, 10, 90, 2, [90, 7, 0, 45, 90, 60, 3, 89, 30, 11], pad_prob=0.1)
+    ref = cosine_topk_reference(table, candidates, history, lengths, 12)
+    fast = cosine_topk(table, candidates, history, lengths, 12, impl="cpu")
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
 def test_small_budgets_force_many_chunks_and_blocks(monkeypatch):
     monkeypatch.setattr(cpu_topk, "SCORE_BUDGET", 256)
     monkeypatch.setattr(cpu_topk, "SCREEN_SCORE_BUDGET", 256)
     monkeypatch.setattr(cpu_topk, "ROW_BUDGET", 512)
+    monkeypatch.setattr(cpu_topk, "EXACT_SLICE_ROWS", 64)
     table = make_table(300, 8)
     candidates, history, lengths = random_batch(300, 5, 201, 3, [201, 64, 0, 1, 150], pad_prob=0.1)
     ref = cosine_topk_reference(table, candidates, history, lengths, 6)
@@ -125,7 +162,7 @@ def test_past_max_keep_the_exact_strategy_takes_over(monkeypatch, force_screen):
 
 def test_grouped_selection_matches_reference(monkeypatch):
     # Long chunks select through group maxima; lower the threshold so a small input takes that path.
-    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_ROWS_PER_KEPT", 2)
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_WIDTH_PER_KEPT", 1)
     table = make_table(2000, 16, torch.float16)
     candidates, history, lengths = random_batch(2000, 2, 1024, 9, [1024, 700], pad_prob=0.02)
     grouped = []
@@ -138,9 +175,25 @@ def test_grouped_selection_matches_reference(monkeypatch):
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("groups", [2, 8])
+def test_level_by_level_selection_keeps_the_largest_values(monkeypatch, groups):
+    # Many ties (values drawn from 50 levels), widths that stop the recursion at each depth, and
+    # lengths that leave rows outside the last whole group.
+    monkeypatch.setattr(cpu_topk, "SELECTION_GROUPS", groups)
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_WIDTH_PER_KEPT", 1)
+    gen = torch.Generator().manual_seed(5)
+    for m, keep in [(4096, 10), (4096, 300), (1000, 7), (4103, 9), (64, 64)]:
+        values = torch.randint(-25, 25, (3, 5, m), generator=gen).to(torch.int16)
+        picked = cpu_topk._top_indices(values, keep)
+        assert picked.shape == (3, 5, keep)
+        assert (picked.sort(-1).values.diff(dim=-1) > 0).all()  # distinct positions
+        chosen = values.gather(-1, picked).sort(-1).values
+        assert torch.equal(chosen, values.topk(keep, dim=-1).values.sort(-1).values)
+
+
 def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatch):
     # Negative bf16 scores do not order like their int16 bits: the grouped screen must not be trusted.
-    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_ROWS_PER_KEPT", 2)
+    monkeypatch.setattr(cpu_topk, "GROUPED_MIN_WIDTH_PER_KEPT", 1)
     gen = torch.Generator().manual_seed(4)
     base = torch.nn.functional.normalize(torch.randn(1, 16, generator=gen), dim=1)
     rows = torch.nn.functional.normalize(base + 0.3 * torch.randn(512, 16, generator=gen), dim=1)
