@@ -3,14 +3,15 @@
 For each data set, variant and seed, trains with `recsys.train.train_model` on the time split
 (last 10% of each user's impressions are test), evaluates exact GAUC / AUC / logloss, and reports
 mean and std over seeds. Then measures MUSE training throughput (samples/s, feature building in
-one DataLoader worker + training in the main process: 2 cores) at history length 1,000 and
-10,000, on one synthetic folder whose users all have 10,000 behaviours, side by side in one run.
+one DataLoader worker + training in the main process: 2 cores) at history lengths 1,000, 10,000
+and 100,000, on one synthetic folder whose users all have 100,000 behaviours, side by side in one run.
 
 Writes benchmarks/results/ctr.json, prints a table and logs a summary run to MLflow
 (experiment "ctr-benchmark" in DATA_ROOT/runs/mlflow.db unless MLFLOW_TRACKING_URI is set).
 
     python benchmarks/ctr.py                    # full: 6 variants x 2 data sets x 3 seeds
     python benchmarks/ctr.py --quick            # 1 seed, capped steps, small synthetic set
+    python benchmarks/ctr.py --quick --datasets # training throughput only
 
 MovieLens-100K needs multimodal embeddings for the muse variants: the script runs
 `muse embed --data DATA_ROOT/movielens` once if the folder has no embedding table.
@@ -118,20 +119,24 @@ def accuracy(layouts: dict[str, DataLayout], variants: tuple[str, ...], plan: Pl
     return results
 
 
-def throughput(root: Path, plan: Plan, out_root: Path) -> dict:
-    """MUSE training samples/s at history length 1,000 and 10,000, on the same 10,000-long folder."""
-    config = synthetic.SyntheticConfig(users=plan.throughput_users, history_len=10_000, items=20_000,
+def throughput(root: Path, plan: Plan, out_root: Path, lengths: tuple[int, ...]) -> dict:
+    """MUSE training samples/s at each history length, on one synthetic folder as long as the longest.
+
+    Users are capped so the folder holds at most 10M behaviours (100 users at 100,000).
+    """
+    longest = max(lengths)
+    users = min(plan.throughput_users, max(10, 10_000_000 // longest))
+    config = synthetic.SyntheticConfig(users=users, history_len=longest, items=20_000,
                                        impressions_per_user=40, seed=11)
     layout = synthetic_folder(root, config)
     out = {}
-    for history_len in (1_000, 10_000):
+    for history_len in lengths:
         train = TrainConfig(model="muse", history_len=history_len, max_steps=plan.throughput_steps, num_workers=1,
                             registered_model="", eval_batch_size=256)
         result = train_model(layout, train, out_dir=out_root / "throughput" / f"h{history_len}", track=False, progress=False)
         out[str(history_len)] = {"samples_per_s": result.metrics["train_samples_per_s"], "steps": plan.throughput_steps,
-                                 "batch_size": train.batch_size}
+                                 "batch_size": train.batch_size, "users": users}
         log.info("throughput at history %d: %.0f samples/s", history_len, result.metrics["train_samples_per_s"])
-    out["ratio_1000_over_10000"] = out["1000"]["samples_per_s"] / out["10000"]["samples_per_s"]
     return out
 
 
@@ -152,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="where data folders and trained models go (default data/bench/, git-ignored)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the mode's seeds (full: 0 1 2, quick: 0)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--datasets", nargs="+", default=["movielens", "synthetic"], choices=["movielens", "synthetic"])
+    parser.add_argument("--datasets", nargs="*", default=["movielens", "synthetic"], choices=["movielens", "synthetic"],
+                        help="data sets for the accuracy runs (none: throughput only)")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--throughput-lengths", type=int, nargs="+", default=[1_000, 10_000, 100_000],
+                        help="history lengths of the MUSE training throughput runs")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ctr.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if "synthetic" in args.datasets:
         layouts["synthetic"] = synthetic_folder(root, plan.synthetic)
     results = accuracy(layouts, tuple(args.variants), plan, out_root)
-    speed = None if args.skip_throughput else throughput(root, plan, out_root)
+    speed = None if args.skip_throughput else throughput(root, plan, out_root, tuple(args.throughput_lengths))
 
     report = {
         "command": " ".join(["python", "benchmarks/ctr.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -194,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(table(results))
     if speed:
-        print(f"\nMUSE training throughput: {speed['1000']['samples_per_s']:,.0f} samples/s at history 1,000; "
-              f"{speed['10000']['samples_per_s']:,.0f} at 10,000 (ratio {speed['ratio_1000_over_10000']:.2f})")
+        print("\nMUSE training throughput: " + "; ".join(
+            f"{run['samples_per_s']:,.1f} samples/s at history {int(length):,}" for length, run in speed.items()))
     print(f"\nwritten {out}")
     _log_to_mlflow(root, report, out)
     return 0
@@ -219,8 +227,8 @@ def _log_to_mlflow(root: Path, report: dict, json_path: Path) -> None:
                     if summary[metric]["std"] is not None:
                         flat[f"{data_name}.{variant}.{metric}_std"] = summary[metric]["std"]
         if report["throughput_muse"]:
-            for length in ("1000", "10000"):
-                flat[f"throughput.muse.h{length}_samples_per_s"] = report["throughput_muse"][length]["samples_per_s"]
+            for length, speed in report["throughput_muse"].items():
+                flat[f"throughput.muse.h{length}_samples_per_s"] = speed["samples_per_s"]
         run.metrics(flat)
         import mlflow
 

@@ -26,8 +26,9 @@ Two strategies, chosen per block of users (details and measurements in docs/gsu.
      eps(a) = absolute + relative * |a| of the exact one (`screen_error_bound`), so the exact
      top-k lies among the survivors when every eligible behaviour survived, or when the lowest
      survivor's score plus its eps is below the k-th eligible survivor's score minus its eps.
-     Unproven candidates are screened again with KEEP_GROWTH times more survivors; past MAX_KEEP
-     the exact strategy takes over for them.
+     Unproven candidates get one more pass (`_Screener.widen`) that keeps every behaviour whose
+     screened score plus its eps reaches the k-th exact score found so far, and re-scores them
+     all exactly.
 
   Ineligible behaviours (padding, id 0, zero rows) score as zero vectors in the screen and are
   dropped at re-scoring; the proof counts eligible survivors only, so they may take a survivor
@@ -64,10 +65,6 @@ SCREEN_SCORE_BUDGET = 1 << 25
 BF16_MIN_CANDIDATES = 8
 # A history no longer than this many survivors is scored exactly: re-scoring would cost as much.
 EXACT_MAX_LENGTH_PER_KEPT = 8
-# When a screen cannot prove its survivors complete, it is redone for those candidates with
-# KEEP_GROWTH times more survivors; beyond MAX_KEEP the exact strategy takes over.
-KEEP_GROWTH = 4
-MAX_KEEP = 4096
 # The grouped selection splits rows into this many groups per level, while each group keeps at
 # least GROUPED_MIN_WIDTH_PER_KEPT rows per survivor.
 SELECTION_GROUPS = 8
@@ -169,9 +166,9 @@ def cosine_topk_cpu(
         out_scores[block], out_positions[block] = scores, positions
         for b in (~complete).any(1).nonzero().flatten().tolist():
             user = int(block[b])
-            screener.widen(
-                unit_cands[user], history[user, : lengths[user]], (~complete[b]).nonzero().flatten(),
-                k, keep * KEEP_GROWTH, cols, out_scores[user], out_positions[user],
+            redo = (~complete[b]).nonzero().flatten()
+            out_scores[user, redo], out_positions[user, redo] = screener.widen(
+                unit_cands[user, redo], history[user, : lengths[user]], scores[b, redo, k - 1], k, cols
             )
     return out_scores, out_positions
 
@@ -435,33 +432,50 @@ class _Screener:
         self,
         unit_cands: torch.Tensor,
         history: torch.Tensor,
-        cand_index: torch.Tensor,
+        kth: torch.Tensor,
         k: int,
-        keep: int,
         cols: int,
-        out_scores: torch.Tensor,
-        out_positions: torch.Tensor,
-    ) -> None:
-        """Redo one user's unproven candidates with ever more survivors until each is proven.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of one user's unproven candidates, in one more pass over the history.
 
-        Args: unit_cands [C, D]; history [n] (the user's prefix); cand_index [C'] candidates to
-        redo; out_scores / out_positions [C, k], written in place. Once `keep` covers the whole
-        history every behaviour survives, which is a proof; past MAX_KEEP the exact strategy is
-        cheaper than re-scoring that many survivors.
+        `kth` is the k-th exact score among a candidate's first survivors: the true k-th score is
+        at least that. A behaviour screened at a with a + eps(a) < kth therefore scores below it
+        exactly and cannot be in the top-k; this pass keeps every other eligible behaviour and
+        re-scores them all exactly. However many behaviours sit within bf16 rounding of each
+        other, one pass proves the result.
+
+        Args: unit_cands [C', D] float32; history [n] (the user's prefix); kth [C'] float32.
+        Returns: scores float32 [C', k], positions int64 [C', k] (-inf / -1 beyond the eligible).
         """
+        absolute, relative = self.bound
+        cands = unit_cands.t().to(torch.bfloat16).contiguous().unsqueeze(0)  # [1, D, C']
         lengths = torch.tensor([history.shape[0]])
-        while cand_index.numel():
-            cands = unit_cands[cand_index].unsqueeze(0)
-            if keep > MAX_KEEP:
-                scores, positions = _exact_block(self.table, self.prep, cands, history.unsqueeze(0), lengths, k, cols)
-                out_scores[cand_index], out_positions[cand_index] = scores[0], positions[0]
-                return
-            scores, positions, complete = self.select(cands, history.unsqueeze(0), lengths, k, keep, cols)
-            done = cand_index[complete[0]]
-            out_scores[done] = scores[0, complete[0]]
-            out_positions[done] = positions[0, complete[0]]
-            cand_index = cand_index[~complete[0]]
-            keep *= KEEP_GROWTH
+        reachable = []  # (position, candidate) pairs
+        for c0 in range(0, history.shape[0], cols):
+            scores, valid = self._chunk_scores(cands, history[c0 : c0 + cols].unsqueeze(0), lengths, c0)
+            approx = scores[0].float()  # [n, C']
+            keep = (approx + absolute + relative * approx.abs() >= kth).logical_and_(valid[0].unsqueeze(1))
+            pairs = keep.nonzero()
+            pairs[:, 0] += c0
+            reachable.append(pairs)
+        pairs = torch.cat(reachable)
+        n_cands = unit_cands.shape[0]
+        # One row of positions per candidate, padded with -1.
+        order = torch.argsort(pairs[:, 1], stable=True)
+        position, cand = pairs[order, 0], pairs[order, 1]
+        counts = torch.bincount(cand, minlength=n_cands)
+        width = max(1, int(counts.max()))
+        slot = torch.arange(len(cand)) - (torch.cumsum(counts, 0) - counts)[cand]
+        positions = torch.full((n_cands, width), -1, dtype=torch.int64)
+        positions[cand, slot] = position
+        ids = torch.where(positions >= 0, history[positions.clamp_min(0)], 0)
+        exact, eligible = _exact_scores(self.table, self.prep, unit_cands.unsqueeze(0), ids.unsqueeze(0))
+        exact[0].masked_fill_(~eligible[0], float("-inf"))
+        keys = pack_keys(exact[0], positions.clamp_min(0))
+        scores, top_positions = unpack_keys(keys.topk(min(k, width), dim=-1).values)
+        missing = k - scores.shape[-1]
+        scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
+        return scores, torch.nn.functional.pad(top_positions, (0, missing), value=-1)
 
     def _screen(
         self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, keep: int, cols: int
@@ -474,25 +488,14 @@ class _Screener:
         could not guarantee its result).
         """
         n_users, block_len = history.shape
-        n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
+        n_cands = unit_cands.shape[1]
         cands = unit_cands.transpose(1, 2).to(torch.bfloat16).contiguous()  # [Bb, D, C]
         n_valid = torch.zeros(n_users, dtype=torch.int64)
         trusted = torch.ones(n_users, n_cands, dtype=torch.bool)
         chunk_scores, chunk_positions = [], []
         for c0 in range(0, block_len, cols):
-            ids = history[:, c0 : c0 + cols]  # [Bb, n]
-            n = ids.shape[1]
-            valid = (ids != 0) & (torch.arange(c0, c0 + n) < lengths.unsqueeze(1))
-            screen_rows = _scratch("screen-rows", (n_users * n, dim), torch.bfloat16)
-            if self.prep is not None and self.prep.screen is not None:
-                torch.index_select(self.prep.screen, 0, ids.reshape(-1), out=screen_rows)
-                valid &= self.prep.inv_norm[ids] > 0
-            else:
-                valid &= self._normalise_rows(ids.reshape(-1), screen_rows).view(n_users, n)
+            scores, valid = self._chunk_scores(cands, history[:, c0 : c0 + cols], lengths, c0)
             n_valid += valid.sum(1)
-            # Row-major scores [Bb, n, C]: this product runs ~1.6x faster than the candidate-major one.
-            scores = _scratch("screen-scores", (n_users, n, n_cands), torch.bfloat16)
-            torch.bmm(screen_rows.view(n_users, n, dim), cands, out=scores)
             top_scores, top_positions, sure = _chunk_topk(scores, keep)
             trusted &= sure
             chunk_scores.append(top_scores)
@@ -503,6 +506,30 @@ class _Screener:
         merged_scores = torch.cat(chunk_scores, dim=-1)
         top = merged_scores.topk(min(keep, merged_scores.shape[-1]), dim=-1, sorted=False)
         return top.values, torch.cat(chunk_positions, dim=-1).gather(-1, top.indices), n_valid, trusted
+
+    def _chunk_scores(
+        self, cands: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 cosines of one history chunk against the candidates.
+
+        Args: cands [Bb, D, C] bfloat16 unit vectors; ids [Bb, n], the chunk starting at history
+        position `offset`; lengths [Bb].
+        Returns: scores [Bb, n, C] bfloat16 (this thread's buffer: valid until the next chunk),
+        valid [Bb, n] (inside the length, id and row non-zero).
+        """
+        n_users, n = ids.shape
+        dim, n_cands = cands.shape[1], cands.shape[2]
+        valid = (ids != 0) & (torch.arange(offset, offset + n) < lengths.unsqueeze(1))
+        screen_rows = _scratch("screen-rows", (n_users * n, dim), torch.bfloat16)
+        if self.prep is not None and self.prep.screen is not None:
+            torch.index_select(self.prep.screen, 0, ids.reshape(-1), out=screen_rows)
+            valid &= self.prep.inv_norm[ids] > 0
+        else:
+            valid &= self._normalise_rows(ids.reshape(-1), screen_rows).view(n_users, n)
+        # Row-major scores [Bb, n, C]: this product runs ~1.6x faster than the candidate-major one.
+        scores = _scratch("screen-scores", (n_users, n, n_cands), torch.bfloat16)
+        torch.bmm(screen_rows.view(n_users, n, dim), cands, out=scores)
+        return scores, valid
 
     def _normalise_rows(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Writes rows `ids` [m] as bfloat16 unit vectors into out [m, D]; returns nonzero [m]."""

@@ -141,20 +141,29 @@ def count_calls(monkeypatch, name, owner=cpu_topk):
 
 def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch, force_screen):
     table, candidates, history, lengths = near_tie_case()
-    selects = count_calls(monkeypatch, "select", cpu_topk._Screener)
+    widens = count_calls(monkeypatch, "widen", cpu_topk._Screener)
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=4)
-    assert len(selects) > 1  # the first screen (14 survivors) could not prove itself
+    assert len(widens) == 1  # the first screen (14 survivors) could not prove itself; one more pass did
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
-def test_past_max_keep_the_exact_strategy_takes_over(monkeypatch, force_screen):
-    monkeypatch.setattr(cpu_topk, "MAX_KEEP", 20)
+def test_widening_keeps_every_behaviour_the_bound_cannot_rule_out(monkeypatch, force_screen):
+    # With no margin at all, the k-th exact score found first bounds the rest: the single extra
+    # pass must re-score all 60 near-tied rows and none of the 200 far ones.
     table, candidates, history, lengths = near_tie_case()
-    scans = count_calls(monkeypatch, "_exact_block")
-    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=4)
-    assert len(scans) == 1  # once, for the 8 unproven candidates together
+    gen = torch.Generator().manual_seed(8)
+    far = torch.nn.functional.normalize(torch.randn(200, 16, generator=gen), dim=1)
+    far = far - (far @ table[1]).clamp_min(0).unsqueeze(1) * table[1]  # nothing close to the candidate
+    table = torch.cat([table, torch.nn.functional.normalize(far, dim=1)])
+    history = torch.cat([torch.arange(62, 262), history[0]]).unsqueeze(0)
+    lengths = torch.tensor([260])
+    rescored = []
+    exact_scores = cpu_topk._exact_scores
+    monkeypatch.setattr(cpu_topk, "_exact_scores", lambda t, p, c, ids: rescored.append(ids.shape[-1]) or exact_scores(t, p, c, ids))
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=0)
+    assert rescored[-1] == 60
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
@@ -201,9 +210,9 @@ def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatc
     history = torch.arange(2, 514).unsqueeze(0)
     candidates = torch.ones(1, 8, dtype=torch.int64)
     lengths = torch.tensor([512])
-    selects = count_calls(monkeypatch, "select", cpu_topk._Screener)
+    widens = count_calls(monkeypatch, "widen", cpu_topk._Screener)
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5, margin=3)
-    assert len(selects) > 1
+    assert len(widens) == 1
     ref = cosine_topk_reference(table, candidates, history, lengths, 5)
     assert torch.equal(fast[1], ref[1])
 
