@@ -167,12 +167,13 @@ def _free_port() -> int:
 class Server:
     """`muse serve` in a child process on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, layout: DataLayout, model_dir: Path, threads: int):
+    def __init__(self, layout: DataLayout, model_dir: Path, scoring_threads: int, torch_threads: int):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "recsys.cli", "serve", "--data", str(layout.root), "--model-uri", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), "--max-candidates", str(max(CANDIDATE_COUNTS)),
-                   "--max-concurrency", str(MAX_CONCURRENCY), "--timeout-ms", "10000", "--threads", str(threads),
+                   "--max-concurrency", str(MAX_CONCURRENCY), "--timeout-ms", "10000", "--threads", str(scoring_threads),
+                   "--torch-threads", str(torch_threads),
                    "--poll-s", "0"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -284,7 +285,8 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=200_000, help="synthetic catalogue size")
     parser.add_argument("--model-uri", help="benchmark this trained model instead of a freshly initialised one")
     parser.add_argument("--work-dir", help="keep data and models here (reused on the next run)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads and server scoring threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (in-process and per server scoring thread)")
+    parser.add_argument("--scoring-threads", type=int, default=1, help="the server's scoring threads (muse serve --threads)")
     parser.add_argument("--histories", type=int, nargs="+", default=list(HISTORY_LENGTHS), choices=HISTORY_LENGTHS,
                         help="history lengths to measure (default: all)")
     parser.add_argument("--candidates", type=int, nargs="+", default=list(CANDIDATE_COUNTS), choices=CANDIDATE_COUNTS,
@@ -306,7 +308,7 @@ def main() -> int:
         in_process = bench_in_process(layout, model_dirs, args.candidates, args.quick, budget_s)
         http, load = [], []
         for length, model_dir in model_dirs.items():
-            with Server(layout, model_dir, args.threads) as server:
+            with Server(layout, model_dir, args.scoring_threads, args.threads) as server:
                 http += bench_http(layout, server, length, args.candidates, args.quick, budget_s)
                 if length == max(args.histories):
                     load = bench_load(layout, server, args.quick, min(args.candidates))
@@ -318,7 +320,8 @@ def main() -> int:
                        if r["history"] == TARGET["history"] and r["candidates"] == TARGET["candidates"]), None)
     result = {
         "benchmark": "serving",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "server_scoring_threads": args.scoring_threads, "torch": torch.__version__,
                     "note": "cores shared with other work while measuring unless rerun on an idle machine"},
         "model": model_info,
         "features": {"short_len": 50, "k": 50, "gsu_policy": "muse", "embedding_table": "float16, 128-d"},

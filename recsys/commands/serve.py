@@ -28,7 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout-ms", type=float, default=1000.0, help="deadline of one ranking (504 after)")
     p.add_argument("--max-concurrency", type=int, default=8, help="rankings in flight, at most (503 above)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size, at most (413 above)")
-    p.add_argument("--threads", type=int, default=2, help="scoring threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="scoring threads, each using torch's intra-op parallelism (default: %(default)s)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads per scoring thread (default: CPUs / scoring threads)")
     p.add_argument("--poll-s", type=float, default=30.0,
                    help="seconds between registry alias checks; 0 turns hot reload off (default: %(default)s)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment instead of plain uvicorn")
@@ -47,6 +50,7 @@ def _settings(args: argparse.Namespace):
             max_concurrency=args.max_concurrency,
             max_body_bytes=args.max_body_bytes,
             scoring_threads=args.threads,
+            torch_threads=args.torch_threads,
         )
     except ValueError as exc:
         raise UserError(f"muse serve: {exc}") from None

@@ -14,6 +14,8 @@ checks while the CPU works.
 """
 from __future__ import annotations
 
+import os
+
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -45,19 +47,30 @@ class ServeSettings:
     timeout_ms: deadline of one ranking, queueing for a scoring thread included (504 after).
     max_concurrency: rankings admitted at once (503 above).
     max_body_bytes: largest request body accepted (413 above).
-    scoring_threads: threads that run the model; more than the cores only adds contention.
+    scoring_threads: threads that run the model (and load it, see pool.py).
+    torch_threads: torch intra-op threads of each scoring thread; None = the process's CPUs
+        divided among the scoring threads, so that no more threads compute than there are cores.
     """
 
     max_candidates: int = 1000
     timeout_ms: float = 1000.0
     max_concurrency: int = 8
     max_body_bytes: int = 1 << 20
-    scoring_threads: int = 2
+    scoring_threads: int = 1
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_candidates", "max_concurrency", "max_body_bytes", "scoring_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+
+    def intra_op_threads(self) -> int:
+        """torch threads per scoring thread: `torch_threads`, else the CPUs / scoring threads."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.scoring_threads)
         if self.timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be > 0, got {self.timeout_ms}")
 
@@ -155,8 +168,13 @@ def create_app(
     settings: ServeSettings = ServeSettings(),
     poller: AliasPoller | None = None,
     metrics: ServingMetrics | None = None,
+    pool: ScoringPool | None = None,
 ) -> FastAPI:
-    """Build the ranking app around `holder`; `poller` (optional) is started and stopped with it."""
+    """Build the ranking app around `holder`; `poller` (optional) is started and stopped with it.
+
+    `pool` runs the rankings (default: a new one from `settings`; pass the pool the model was
+    loaded on, see `recsys.serving.service`). `metrics` must be the ones that pool reports to.
+    """
     metrics = metrics or ServingMetrics()
     metrics.set_model_version(holder.current.version)
     if poller is not None:
@@ -171,7 +189,9 @@ def create_app(
         poller.on_swap = on_swap
         poller.on_failure = lambda exc: metrics.reloads.labels(result="failed").inc()
 
-    pool = ScoringPool(settings.scoring_threads, settings.max_concurrency, settings.timeout_ms / 1000.0, metrics.in_flight)
+    if pool is None:
+        pool = ScoringPool(settings.scoring_threads, settings.max_concurrency, settings.timeout_ms / 1000.0,
+                           metrics.in_flight)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -57,6 +57,17 @@ class ScoringPool:
         except TimeoutError:
             raise DeadlineExceeded from None
 
+    def call(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on a scoring thread, waited for here: no admission, no deadline (model loads).
+
+        All torch work of a service belongs on its scoring threads. Each thread that runs torch's
+        parallel code keeps an OpenMP thread team for as long as it lives, and once the teams hold
+        more threads than there are cores, OpenMP stops spinning between parallel regions and
+        parks its threads instead: after one model load in another thread, a 100,000 x 100
+        ranking went from 25 to 38 ms on 2 cores (measured).
+        """
+        return self._executor.submit(fn, *args).result()
+
     def _release(self, _: Future | None) -> None:
         if self._in_flight is not None:
             self._in_flight.dec()

@@ -59,7 +59,13 @@ def ranker_application(
     table_dtype: str = "float16",
     poll_interval_s: float = 30.0,
 ) -> serve.Application:
-    """The bound Ray Serve application: `replicas` copies of the ranking app."""
+    """The bound Ray Serve application: `replicas` copies of the ranking app.
+
+    Unless `settings.torch_threads` says otherwise, each replica's scoring threads share its
+    `cpus_per_replica` (a replica sees every core of its node, not its Ray CPU share).
+    """
+    if settings.torch_threads is None:
+        settings = dataclasses.replace(settings, torch_threads=max(1, int(cpus_per_replica) // settings.scoring_threads))
     deployment = RankerDeployment.options(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
