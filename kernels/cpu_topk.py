@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 
+from kernels import native
 from kernels._keys import pack_keys, unpack_keys
 
 __all__ = ["cosine_topk_cpu", "scratch_bytes", "screen_error_bound"]
@@ -73,6 +74,9 @@ GROUPED_MIN_WIDTH_PER_KEPT = 2
 SCREEN_COPY_MAX_ELEMENTS = 1 << 28
 # Exact scoring works through rows in slices of this many, small enough to stay in cache.
 EXACT_SLICE_ROWS = 8192
+# Screen with the fused native kernel (kernels/native) where it can run; False forces the torch
+# screen (tests run both).
+USE_NATIVE = True
 _PREP: list = []  # [weakref to the table, its version, its _TablePrep]
 _SCRATCH = threading.local()
 _TINY = torch.finfo(torch.float32).tiny
@@ -392,6 +396,9 @@ class _Screener:
         self.table = table
         self.prep = prep
         self.bound = screen_error_bound(table.shape[1])
+        # The fused native screen reads the normalised bf16 copy; without one (or without AMX)
+        # the torch screen below does the same job in separate passes.
+        self.fused = prep is not None and prep.screen is not None and USE_NATIVE and native.available()
 
     def select(
         self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int, cols: int
@@ -403,26 +410,30 @@ class _Screener:
         [Bb, C]: True where the result is proven to be the exact top-k.
         """
         table = self.table
-        approx, positions, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
+        if self.fused:
+            approx, positions, bound, n_valid = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
+            trusted = torch.ones(bound.shape, dtype=torch.bool)
+        else:
+            approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
         kept = approx.shape[-1]
 
-        ids = history.gather(1, positions.flatten(1)).view_as(positions)  # [Bb, C, kept]
+        ids = history.gather(1, positions.clamp_min(0).flatten(1)).view_as(positions)  # [Bb, C, kept]
         exact, eligible = _exact_scores(table, self.prep, unit_cands, ids)
-        eligible &= positions < lengths.view(-1, 1, 1)
+        eligible &= (positions >= 0) & (positions < lengths.view(-1, 1, 1))
+        exact.masked_fill_(~eligible, float("-inf"))
 
-        # Every eligible behaviour left out scores at most the lowest survivor's approximate
-        # score, ineligible survivors included (the module docstring has the argument).
+        # Complete when every eligible behaviour survived, or when whatever was left out (screened
+        # at most `bound`, so exactly at most bound + eps(bound)) scores below the k-th exact
+        # survivor: the true k-th score is at least that (the module docstring has the argument).
         complete = eligible.sum(-1) == n_valid.unsqueeze(1)
-        if kept > k:
+        if kept >= k:
             absolute, relative = self.bound
-            approx = approx.float()
-            kth = approx.masked_fill(~eligible, float("-inf")).topk(k, dim=-1).values[..., -1]
-            last = approx.amin(-1)
-            complete |= last + absolute + relative * last.abs() < kth - absolute - relative * kth.abs()
+            reach = torch.where(bound > float("-inf"), bound + absolute + relative * bound.abs(), bound)
+            complete |= reach < exact.topk(k, dim=-1).values[..., -1]
         complete &= trusted
 
-        exact.masked_fill_(~eligible, float("-inf"))
-        scores, top_positions = unpack_keys(pack_keys(exact, positions).topk(min(k, kept), dim=-1).values)
+        keys = pack_keys(exact, positions.clamp_min(0))
+        scores, top_positions = unpack_keys(keys.topk(min(k, kept), dim=-1).values)
         missing = k - scores.shape[-1]
         scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
         top_positions = torch.nn.functional.pad(top_positions, (0, missing), value=-1)
@@ -479,13 +490,14 @@ class _Screener:
 
     def _screen(
         self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, keep: int, cols: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Approximate top-`keep` of one block.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Approximate top-`keep` of one block (the torch screen).
 
         Args: unit_cands [Bb, C, D] float32; history [Bb, Lb]; lengths [Bb].
         Returns: approximate scores [Bb, C, kept] (bfloat16), their positions [Bb, C, kept] int64,
-        eligible behaviours per user [Bb], trusted [Bb, C] (False where the grouped selection
-        could not guarantee its result).
+        bound [Bb, C] float32 (every eligible behaviour left out screened at most this: the lowest
+        survivor), eligible behaviours per user [Bb], trusted [Bb, C] (False where the grouped
+        selection could not guarantee its result).
         """
         n_users, block_len = history.shape
         n_cands = unit_cands.shape[1]
@@ -501,11 +513,14 @@ class _Screener:
             chunk_scores.append(top_scores)
             chunk_positions.append(top_positions + c0)
         if len(chunk_scores) == 1:
-            return chunk_scores[0], chunk_positions[0], n_valid, trusted
-        # One merge at the end: [Bb, C, chunks * keep] is small next to any score chunk.
-        merged_scores = torch.cat(chunk_scores, dim=-1)
-        top = merged_scores.topk(min(keep, merged_scores.shape[-1]), dim=-1, sorted=False)
-        return top.values, torch.cat(chunk_positions, dim=-1).gather(-1, top.indices), n_valid, trusted
+            approx, positions = chunk_scores[0], chunk_positions[0]
+        else:
+            # One merge at the end: [Bb, C, chunks * keep] is small next to any score chunk.
+            merged_scores = torch.cat(chunk_scores, dim=-1)
+            top = merged_scores.topk(min(keep, merged_scores.shape[-1]), dim=-1, sorted=False)
+            approx, positions = top.values, torch.cat(chunk_positions, dim=-1).gather(-1, top.indices)
+        approx = approx.float()
+        return approx, positions, approx.amin(-1), n_valid, trusted
 
     def _chunk_scores(
         self, cands: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, offset: int

@@ -5,12 +5,24 @@ import pytest
 import torch
 
 import kernels.cpu_topk as cpu_topk
-from kernels import cosine_topk
+from kernels import cosine_topk, native
 from kernels.cosine_topk import jagged_to_padded
 from kernels.reference import cosine_topk_reference
 from topk_checks import assert_valid_topk, make_table
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+@pytest.fixture(autouse=True, params=["torch-screen", "native-screen"])
+def screen_kind(request, monkeypatch):
+    """Every test runs with the torch screen and with the fused native screen (where it can run)."""
+    if request.param == "native-screen":
+        if request.node.get_closest_marker("torch_screen_only"):
+            pytest.skip("checks the torch screen's own selection")
+        if not native.available():
+            pytest.skip(f"native screen unavailable here: {native.unavailable_reason()}")
+    monkeypatch.setattr(cpu_topk, "USE_NATIVE", request.param == "native-screen")
+    return request.param
 
 
 @pytest.fixture
@@ -169,6 +181,7 @@ def test_widening_keeps_every_behaviour_the_bound_cannot_rule_out(monkeypatch, f
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
+@pytest.mark.torch_screen_only
 def test_grouped_selection_matches_reference(monkeypatch):
     # Long chunks select through group maxima; lower the threshold so a small input takes that path.
     monkeypatch.setattr(cpu_topk, "GROUPED_MIN_WIDTH_PER_KEPT", 1)
@@ -184,6 +197,7 @@ def test_grouped_selection_matches_reference(monkeypatch):
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
+@pytest.mark.torch_screen_only
 @pytest.mark.parametrize("groups", [2, 8])
 def test_level_by_level_selection_keeps_the_largest_values(monkeypatch, groups):
     # Many ties (values drawn from 50 levels), widths that stop the recursion at each depth, and
@@ -200,6 +214,7 @@ def test_level_by_level_selection_keeps_the_largest_values(monkeypatch, groups):
         assert torch.equal(chosen, values.topk(keep, dim=-1).values.sort(-1).values)
 
 
+@pytest.mark.torch_screen_only
 def test_grouped_selection_with_only_negative_similarities_falls_back(monkeypatch):
     # Negative bf16 scores do not order like their int16 bits: the grouped screen must not be trusted.
     monkeypatch.setattr(cpu_topk, "GROUPED_MIN_WIDTH_PER_KEPT", 1)

@@ -1,0 +1,171 @@
+"""Native CPU kernels, compiled from C on first use and cached (no build step at install time).
+
+`screen_topk` runs the fused AMX screen of `screen_amx.c` (gather + bf16 tile products + running
+selection in one pass; design and measurements in docs/gsu.md). `available()` is False when it
+cannot run here: no C compiler, a CPU without AMX-BF16, a kernel that refuses the AMX state, or
+MUSE_NATIVE_KERNELS=0 in the environment; `unavailable_reason()` says which. Callers then use the
+portable torch path, which gives the same results, slower.
+
+The shared library is built with the compiler named by $CC (default `cc`) into
+$MUSE_KERNEL_CACHE (default ~/.cache/muse-recsys/kernels), under a name that hashes the source
+and the flags, written to a temporary name and renamed so concurrent first uses do not collide.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "screen_topk", "unavailable_reason"]
+
+_SOURCE = Path(__file__).with_name("screen_amx.c")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-bf16", "-fPIC", "-shared", "-fopenmp"]
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+_log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MUSE_KERNEL_CACHE") or Path.home() / ".cache" / "muse-recsys" / "kernels")
+
+
+def available() -> bool:
+    """True when `screen_topk` can run in this process (compiled, AMX-BF16 CPU and OS)."""
+    return _screen_fn() is not None
+
+
+def _screen_fn():
+    """The ctypes function `muse_screen_topk_amx`, or None (see `unavailable_reason`)."""
+    with _LOCK:
+        if "screen" not in _STATE:
+            _STATE["screen"], _STATE["reason"] = _load()
+            if _STATE["screen"] is None:
+                _log.info("native AMX screen not used: %s; using the portable torch path", _STATE["reason"])
+        return _STATE["screen"]
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True)."""
+    _screen_fn()
+    return _STATE["reason"]  # type: ignore[return-value]
+
+
+def _load():
+    if os.environ.get("MUSE_NATIVE_KERNELS", "1") == "0":
+        return None, "disabled by MUSE_NATIVE_KERNELS=0"
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"could not build {_SOURCE.name}: {error}"
+    if not library.muse_amx_available():
+        return None, "this CPU or OS does not offer AMX-BF16"
+    fn = library.muse_screen_topk_amx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p]
+    return fn, None
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC", "cc")
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"screen_amx-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _log.info("compiling the native AMX screen (once, a second) into %s", target.parent)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+# Rows per piece when a user's history is split so that every thread has work: below this, the
+# warm-up of a piece's running thresholds costs more than the parallelism gains.
+MIN_SPLIT_ROWS = 16_384
+
+
+def screen_topk(
+    screen: torch.Tensor,
+    unit_cands: torch.Tensor,
+    history: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: int,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-`keep` behaviours per (user, candidate) by bf16 cosine, in one fused pass.
+
+    Args:
+        screen: bfloat16 [N+1, D] unit rows of the table (zero rows for ineligible items).
+        unit_cands: float32 [B, C, D] unit candidate vectors.
+        history: [B, L] item ids (0 = padding); lengths: [B].
+        keep: survivors per (user, candidate).
+        threads: worker threads (default torch.get_num_threads()); a user's history is split into
+            pieces of at least MIN_SPLIT_ROWS rows when users are fewer than threads.
+
+    Returns:
+        scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, unordered,
+        -inf in unused slots), positions int64 [B, C, keep] (-1 in unused slots),
+        bound float32 [B, C]: every eligible behaviour not returned scored at most this
+        (-inf when none was left out), n_valid int64 [B]: eligible behaviours per user.
+    Raises RuntimeError when `available()` is False.
+    """
+    fn = _screen_fn()
+    if fn is None:
+        raise RuntimeError(f"native screen unavailable: {unavailable_reason()}")
+    n_users, block_len = history.shape
+    n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
+    if screen.dtype != torch.bfloat16 or not screen.is_contiguous() or screen.shape[1] != dim:
+        raise ValueError(f"screen_topk: `screen` must be contiguous bfloat16 [N+1, {dim}], got {screen.dtype} {tuple(screen.shape)}")
+    tiles, cand_pad = _candidate_tiles(unit_cands)
+    history = history.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    scores = torch.empty(n_users, n_cands, keep)
+    positions = torch.empty(n_users, n_cands, keep, dtype=torch.int64)
+    bound = torch.empty(n_users, n_cands)
+    n_valid = torch.empty(n_users, dtype=torch.int64)
+    threads = threads or torch.get_num_threads()
+    splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
+    status = fn(
+        screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), block_len, lengths.data_ptr(),
+        n_users, block_len, tiles.data_ptr(), n_cands, cand_pad, keep, splits, threads,
+        scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError(f"screen_topk: could not allocate buffers for {n_users} users x {n_cands} candidates x {keep} kept")
+    return scores, positions, bound, n_valid
+
+
+def _candidate_tiles(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """float32 [B, C, D] -> (bf16 AMX B-operand tiles [B, D'/32, C'/16, 16, 16, 2], C').
+
+    D' and C' round D up to 32 and C up to 32 (zero padding). Tile (kk, j) row p holds, for each
+    of its 16 candidates n, dims kk*32 + 2p and + 1 of candidate j*16 + n, the pair layout
+    TDPBF16PS reads.
+    """
+    n_users, n_cands, dim = unit_cands.shape
+    dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 32) * 32
+    padded = torch.zeros(n_users, cand_pad, dim_pad, dtype=torch.bfloat16)
+    padded[:, :n_cands, :dim] = unit_cands
+    tiles = padded.view(n_users, cand_pad // 16, 16, dim_pad // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    return tiles.contiguous(), cand_pad

@@ -1,0 +1,92 @@
+"""kernels.native: the fused AMX screen against a float64 evaluation of the same bf16 products."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import native
+
+needs_amx = pytest.mark.skipif(not native.available(), reason=f"native screen unavailable: {native.unavailable_reason()}")
+
+
+def unit_table(n_items: int, dim: int, seed: int) -> torch.Tensor:
+    """bf16 unit rows [n_items + 1, dim]; row 0 and rows 3 and 7 are zero (ineligible items)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.nn.functional.normalize(torch.randn(n_items + 1, dim, generator=gen), dim=1)
+    table[[0, 3, 7]] = 0
+    return table.to(torch.bfloat16).contiguous()
+
+
+def check_screen(screen, unit_cands, history, lengths, keep, threads):
+    scores, positions, bound, n_valid = native.screen_topk(screen, unit_cands, history, lengths, keep, threads=threads)
+    exact = unit_cands.to(torch.bfloat16).double() @ screen[history].double().transpose(1, 2)  # [B, C, L]
+    eligible = (history != 0) & (torch.arange(history.shape[1]) < lengths[:, None]) & screen[history].ne(0).any(-1)
+    assert torch.equal(n_valid, eligible.sum(1))
+    for b in range(history.shape[0]):
+        allowed = eligible[b].nonzero().flatten()
+        for c in range(unit_cands.shape[1]):
+            kept = positions[b, c][positions[b, c] >= 0]
+            assert len(kept) == min(keep, len(allowed))
+            assert len(set(kept.tolist())) == len(kept)
+            assert set(kept.tolist()) <= set(allowed.tolist())
+            assert (scores[b, c, len(kept):] == float("-inf")).all() and (positions[b, c, len(kept):] == -1).all()
+            torch.testing.assert_close(scores[b, c, : len(kept)].double(), exact[b, c, kept], atol=1e-5, rtol=0)
+            left_out = sorted(set(allowed.tolist()) - set(kept.tolist()))
+            if not left_out:
+                assert bound[b, c] == float("-inf")
+                continue
+            # The contract: nothing left out scored above the bound, nothing kept below it.
+            assert exact[b, c, left_out].max() <= bound[b, c] + 1e-5
+            assert exact[b, c, kept].min() >= bound[b, c] - 1e-5
+    return scores, positions, bound
+
+
+@needs_amx
+@pytest.mark.parametrize("dim", [128, 24, 40])
+@pytest.mark.parametrize("n_cands", [1, 17, 40])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, monkeypatch):
+    # Users split into pieces (threads > users) are merged; dims and candidate counts that are
+    # not multiples of the tile sizes are padded; ids 0, zero rows and lengths shorter than the row.
+    monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 64)
+    screen = unit_table(500, dim, seed=dim)
+    gen = torch.Generator().manual_seed(n_cands)
+    history = torch.randint(1, 501, (3, 700), generator=gen)
+    history[torch.rand(3, 700, generator=gen) < 0.05] = 0
+    history[:, 10] = 3  # a zero row
+    lengths = torch.tensor([700, 250, 0])
+    unit_cands = torch.nn.functional.normalize(torch.randn(3, n_cands, dim, generator=gen), dim=-1)
+    check_screen(screen, unit_cands, history, lengths, keep=30, threads=threads)
+
+
+@needs_amx
+def test_fewer_eligible_than_keep_keeps_them_all():
+    screen = unit_table(50, 32, seed=1)
+    history = torch.tensor([[5, 0, 6, 7, 8, 0, 0, 0]])
+    unit_cands = torch.nn.functional.normalize(torch.randn(1, 3, 32), dim=-1)
+    _, _, bound = check_screen(screen, unit_cands, history, torch.tensor([6]), keep=10, threads=2)
+    assert (bound == float("-inf")).all()
+
+
+@needs_amx
+def test_ties_at_the_cut_respect_the_bound(monkeypatch):
+    # A history of 3 items repeated: hundreds of exactly equal scores straddle every cut.
+    monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 32)
+    screen = unit_table(20, 64, seed=2)
+    history = torch.tensor([[11, 12, 13] * 400])
+    unit_cands = torch.nn.functional.normalize(torch.randn(1, 5, 64), dim=-1)
+    scores, _, bound = check_screen(screen, unit_cands, history, torch.tensor([1200]), keep=50, threads=3)
+    assert (scores[0].amin(-1) == bound[0]).all()  # the cut falls inside the block of the best item
+
+
+def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("MUSE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    fn, reason = native._load()
+    assert fn is None and "could not build screen_amx.c" in reason and "false exited" in reason
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+def test_the_environment_can_switch_native_kernels_off(monkeypatch):
+    monkeypatch.setenv("MUSE_NATIVE_KERNELS", "0")
+    assert native._load() == (None, "disabled by MUSE_NATIVE_KERNELS=0")
