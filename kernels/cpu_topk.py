@@ -52,6 +52,7 @@ import torch
 
 from kernels import native
 from kernels._keys import pack_keys, unpack_keys
+from kernels.hugepages import empty_huge
 
 __all__ = ["cosine_topk_cpu", "scratch_bytes", "screen_error_bound"]
 
@@ -144,7 +145,7 @@ def cosine_topk_cpu(
 
     lengths = lengths.clamp(0, length)
     unit_cands = _unit(table[candidates].float())  # [B, C, D]
-    order = torch.argsort(lengths, descending=True)
+    order = torch.argsort(lengths, descending=True, stable=True)
     sorted_lengths = lengths[order].tolist()
     plans = []  # (block users, block length, chunk rows, screened)
     start = 0
@@ -162,7 +163,7 @@ def cosine_topk_cpu(
     prep = _table_prep(table)
     screener = _Screener(table, prep)
     for block, block_len, cols, screened in plans:
-        hist, lens = history[block, :block_len], lengths[block]
+        hist, lens = _rows(history, block)[:, :block_len], lengths[block]
         if not screened:
             out_scores[block], out_positions[block] = _exact_block(table, prep, unit_cands[block], hist, lens, k, cols)
             continue
@@ -237,6 +238,15 @@ def _exact_block(
     missing = k - scores.shape[-1]
     scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
     return scores, torch.nn.functional.pad(positions, (0, missing), value=-1)
+
+
+def _rows(history: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """history[block], as a view when the block is a run of consecutive users (no copy of a
+    100K-long history per call)."""
+    first = int(block[0])
+    if bool((block == torch.arange(first, first + len(block))).all()):
+        return history[first : first + len(block)]
+    return history[block]
 
 
 def _top_keys(scores: torch.Tensor, offset: int, k: int, extra: int = 8) -> torch.Tensor:
@@ -323,7 +333,8 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
     if _PREP and _PREP[0]() is table and _PREP[1] == version and (_PREP[2].screen is not None) == with_screen:
         return _PREP[2]
     inv_norm = torch.empty(table.shape[0])
-    screen = torch.empty(table.shape, dtype=torch.bfloat16) if with_screen else None
+    # Read at random rows on every call: huge pages spare most TLB misses (kernels/hugepages.py).
+    screen = empty_huge(tuple(table.shape), torch.bfloat16) if with_screen else None
     step = max(1, ROW_BUDGET // max(1, table.shape[1]))
     for r0 in range(0, table.shape[0], step):
         rows = table[r0 : r0 + step].float()
@@ -418,9 +429,16 @@ class _Screener:
         kept = approx.shape[-1]
 
         ids = history.gather(1, positions.clamp_min(0).flatten(1)).view_as(positions)  # [Bb, C, kept]
-        exact, eligible = _exact_scores(table, self.prep, unit_cands, ids)
+        if self.fused:
+            exact = native.rescore(table, self.prep.inv_norm, unit_cands, ids)
+            eligible = ids.ne(0) & self.prep.inv_norm[ids].gt(0)
+        else:
+            exact, eligible = _exact_scores(table, self.prep, unit_cands, ids)
         eligible &= (positions >= 0) & (positions < lengths.view(-1, 1, 1))
         exact.masked_fill_(~eligible, float("-inf"))
+
+        keys = pack_keys(exact, positions.clamp_min(0))
+        scores, top_positions = unpack_keys(keys.topk(min(k, kept), dim=-1).values)
 
         # Complete when every eligible behaviour survived, or when whatever was left out (screened
         # at most `bound`, so exactly at most bound + eps(bound)) scores below the k-th exact
@@ -429,11 +447,9 @@ class _Screener:
         if kept >= k:
             absolute, relative = self.bound
             reach = torch.where(bound > float("-inf"), bound + absolute + relative * bound.abs(), bound)
-            complete |= reach < exact.topk(k, dim=-1).values[..., -1]
+            complete |= reach < scores[..., k - 1]
         complete &= trusted
 
-        keys = pack_keys(exact, positions.clamp_min(0))
-        scores, top_positions = unpack_keys(keys.topk(min(k, kept), dim=-1).values)
         missing = k - scores.shape[-1]
         scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
         top_positions = torch.nn.functional.pad(top_positions, (0, missing), value=-1)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "screen_topk", "unavailable_reason"]
+__all__ = ["available", "rescore", "screen_topk", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("screen_amx.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-bf16", "-fPIC", "-shared", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mamx-tile", "-mamx-bf16", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _log = logging.getLogger(__name__)
@@ -75,6 +75,12 @@ def _load():
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p]
+    rescore = library.muse_rescore
+    rescore.restype = ctypes.c_int
+    rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_void_p]
+    _STATE["rescore"] = rescore
     return fn, None
 
 
@@ -137,8 +143,10 @@ def screen_topk(
     n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
     if screen.dtype != torch.bfloat16 or not screen.is_contiguous() or screen.shape[1] != dim:
         raise ValueError(f"screen_topk: `screen` must be contiguous bfloat16 [N+1, {dim}], got {screen.dtype} {tuple(screen.shape)}")
-    tiles, cand_pad = _candidate_tiles(unit_cands)
-    history = history.to(torch.int64).contiguous()
+    cands, cand_pad = _padded_candidates(unit_cands)
+    history = history.to(torch.int64)
+    if history.stride(1) != 1:
+        history = history.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
     scores = torch.empty(n_users, n_cands, keep)
     positions = torch.empty(n_users, n_cands, keep, dtype=torch.int64)
@@ -147,8 +155,8 @@ def screen_topk(
     threads = threads or torch.get_num_threads()
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
     status = fn(
-        screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), block_len, lengths.data_ptr(),
-        n_users, block_len, tiles.data_ptr(), n_cands, cand_pad, keep, splits, threads,
+        screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), history.stride(0), lengths.data_ptr(),
+        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, splits, threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
     )
     if status != 0:
@@ -156,16 +164,37 @@ def screen_topk(
     return scores, positions, bound, n_valid
 
 
-def _candidate_tiles(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """float32 [B, C, D] -> (bf16 AMX B-operand tiles [B, D'/32, C'/16, 16, 16, 2], C').
-
-    D' and C' round D up to 32 and C up to 32 (zero padding). Tile (kk, j) row p holds, for each
-    of its 16 candidates n, dims kk*32 + 2p and + 1 of candidate j*16 + n, the pair layout
-    TDPBF16PS reads.
-    """
+def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """float32 [B, C, D] -> (bf16 [B, C', D'] zero padded, C'): C' rounds C up to 32, D' rounds D
+    up to 32 (the tile products take candidates 32 at a time and dims 32 at a time)."""
     n_users, n_cands, dim = unit_cands.shape
     dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 32) * 32
     padded = torch.zeros(n_users, cand_pad, dim_pad, dtype=torch.bfloat16)
     padded[:, :n_cands, :dim] = unit_cands
-    tiles = padded.view(n_users, cand_pad // 16, 16, dim_pad // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
-    return tiles.contiguous(), cand_pad
+    return padded, cand_pad
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+
+
+def rescore(
+    table: torch.Tensor, inv_norm: torch.Tensor, unit_cands: torch.Tensor, ids: torch.Tensor, threads: int | None = None
+) -> torch.Tensor:
+    """Exact float32 cosines of candidates with their own survivors.
+
+    Args: table [N+1, D] (float32 / float16 / bfloat16 / int8, as stored); inv_norm float32 [N+1]
+    (1 / row norm, 0 for zero rows); unit_cands float32 [B, C, D]; ids int64 [B, C, m].
+    Returns float32 [B, C, m]: <candidate, row> * inv_norm[id], every row summed in one fixed
+    order (copies of an item tie exactly). Raises RuntimeError when `available()` is False.
+    """
+    if _screen_fn() is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    table, inv_norm = table.contiguous(), inv_norm.contiguous()
+    unit_cands, ids = unit_cands.float().contiguous(), ids.to(torch.int64).contiguous()
+    out = torch.empty(ids.shape)
+    n_users, n_cands, m = ids.shape
+    _STATE["rescore"](
+        table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
+        ids.data_ptr(), n_users, n_cands, m, threads or torch.get_num_threads(), out.data_ptr(),
+    )
+    return out

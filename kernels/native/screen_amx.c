@@ -1,22 +1,28 @@
 /* Fused bf16 screen for cosine top-K on CPUs with AMX (Intel Sapphire Rapids and later).
  *
- * One pass over each history: gather the rows of a 32-row group from the normalised bf16 copy of
- * the table (prefetching groups ahead, the rows are random 256-byte reads), score them against
- * every candidate with AMX tile products (fp32 accumulation), and keep, per candidate, the
- * behaviours scoring above a running threshold in a small buffer. When a buffer fills, it is cut
- * back to its `keep` best with a selection, and the threshold rises to the `keep`-th score. The
- * [L, C] score matrix never exists: scores live in one 4 KiB tile buffer per thread.
+ * One pass over each history, in groups of 32 rows: the rows are gathered from the normalised
+ * bf16 copy of the table (prefetched a few groups ahead: they are random 256-byte reads) and
+ * transposed into the pair layout of the tile product, scored against every candidate with AMX
+ * tile products (fp32 accumulation), and each candidate keeps the behaviours scoring above its
+ * running threshold in a small buffer. When a buffer fills it is cut back to its `keep` best and
+ * the threshold rises to the `keep`-th score. The [L, C] score matrix never exists: a group's
+ * scores live in a few KiB of tiles.
+ *
+ * Scores come out as tiles [16 candidates x 16 rows], so one vector holds a candidate's scores of
+ * 16 rows: a single compare against its threshold, and a compress and store append the hits to
+ * its buffer. (With rows x candidates tiles every hit was handled alone, which cost more than
+ * the tile products; the transpose this layout needs is cheap next to that.)
  *
  * Invariant given to the caller: every eligible behaviour that is not returned scored at most
- * `bound[b, c]` in this screen (-inf when nothing was left out). The caller re-scores survivors
- * exactly and proves completeness with the screen's error bound (kernels/cpu_topk.py).
+ * `bound[b, c]` in this screen (-inf when nothing was left out), every returned one at least
+ * that. The caller re-scores survivors exactly and proves completeness with the screen's error
+ * bound (kernels/cpu_topk.py).
  *
- * Layouts (all row-major, contiguous):
+ * Layouts (row-major, contiguous):
  *   screen    uint16 (bf16 bits) [n_rows, dim], unit rows, zero rows for ineligible items;
  *   history   int64 [n_users, hist_stride]; lengths int64 [n_users];
- *   cands     uint16 (bf16) VNNI tiles [n_users, dim_pad / 32, cand_pad / 16, 16, 16, 2]:
- *             tile (kk, j) row p holds, for n = 0..15, dims kk*32 + 2p and + 1 of candidate
- *             j*16 + n (the B-operand layout of TDPBF16PS); cand_pad is a multiple of 32;
+ *   cands     uint16 (bf16) [n_users, cand_pad, dim_pad] unit candidates, zero padded
+ *             (cand_pad a multiple of 32, dim_pad = dim rounded up to 32);
  *   outputs   scores float [n_users, n_cands, keep], positions int64 [same] (-inf / -1 in unused
  *             slots, unordered), bound float [n_users, n_cands], n_valid int64 [n_users].
  */
@@ -34,13 +40,9 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-#define GROUP_ROWS 32      /* two 16-row A tiles */
-#ifndef PREFETCH_GROUPS
+#define GROUP_ROWS 32      /* two 16-row B tiles */
 #define PREFETCH_GROUPS 3  /* rows are requested this many groups before they are scored */
-#endif
-#ifndef CAPACITY_FACTOR
-#define CAPACITY_FACTOR 2
-#endif
+#define SLACK 32           /* a buffer takes one group's hits past its cut point */
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette_id;
@@ -86,11 +88,11 @@ typedef struct {
 } Job;
 
 typedef struct {
-    uint16_t *rows;     /* [2, GROUP_ROWS, dim_pad] gathered bf16 rows, double buffered */
+    uint32_t *rows;     /* [2, 2, dim_pad / 32, 16, 16] gathered rows in pair layout, double buffered */
     float *tiles;       /* [2, cand_pad / 32, 4, 16, 16] scores of a group, double buffered */
-    float *threshold;   /* [cand_pad] */
-    float *scores;      /* [n_cands, capacity] */
-    int32_t *positions; /* [n_cands, capacity] */
+    float *threshold;   /* [n_cands] */
+    float *scores;      /* [n_cands, capacity + SLACK] */
+    int32_t *positions; /* [n_cands, capacity + SLACK] */
     int64_t *count;     /* [n_cands] */
 } Workspace;
 
@@ -101,41 +103,57 @@ static inline __m512i order_keys(__m512 v) {
     return _mm512_xor_si512(bits, _mm512_and_si512(sign, _mm512_set1_epi32(0x7FFFFFFF)));
 }
 
-/* Cuts entries [0, n) down to the `keep` best (keep < n); returns the cut value: every entry
- * dropped is <= it, every entry kept is >= it. The keep-th largest is found by bisection on the
- * order-preserving integer images, each probe a vectorised count: no data-dependent branches,
- * which made a quickselect here cost ~20K cycles a cut (mispredictions). */
-static float cut_to_best(float *scores, int32_t *positions, int64_t n, int64_t keep) {
-    int64_t lo = INT32_MIN, hi = INT32_MAX;  /* largest t with count(key >= t) >= keep */
-    int64_t full = n / 16 * 16;
-    __mmask16 tail = (__mmask16)((1u << (n - full)) - 1);
+/* Number of entries of keys(scores[0, n)) >= t (`cmp` = _MM_CMPINT_NLT) or > t (_MM_CMPINT_NLE). */
+static inline int64_t count_keys(const float *scores, int64_t n, int32_t t, int cmp) {
+    const __m512i threshold = _mm512_set1_epi32(t);
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = i + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512i key = order_keys(_mm512_maskz_loadu_ps(lanes, scores + i));
+        count += __builtin_popcount(cmp == _MM_CMPINT_NLT ? _mm512_mask_cmp_epi32_mask(lanes, key, threshold, _MM_CMPINT_NLT)
+                                                          : _mm512_mask_cmp_epi32_mask(lanes, key, threshold, _MM_CMPINT_NLE));
+    }
+    return count;
+}
+
+/* Cuts entries [0, *n) (*n > keep) down to between `keep` and `keep + extra` of the best, in
+ * place, and sets *n to their number; returns the cut value: every entry dropped is <= it, every entry kept is >= it. The cut is
+ * found by bisection on the order-preserving integer images of the scores, between their
+ * minimum and maximum, each probe a vectorised count, stopping as soon as the count falls in
+ * [keep, keep + extra]: a few probes instead of a sort or a quickselect, whose data-dependent
+ * branches made a cut cost ~20K cycles here (mispredictions). */
+static float cut_to_best(float *scores, int32_t *positions, int64_t *count_io, int64_t keep, int64_t extra) {
+    const int64_t n = *count_io;
+    __m512i low = _mm512_set1_epi32(INT32_MAX), high = _mm512_set1_epi32(INT32_MIN);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = i + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512i key = order_keys(_mm512_maskz_loadu_ps(lanes, scores + i));
+        low = _mm512_mask_min_epi32(low, lanes, low, key);
+        high = _mm512_mask_max_epi32(high, lanes, high, key);
+    }
+    /* largest t with count(key >= t) >= keep, or any t whose count is at most keep + extra */
+    int64_t lo = _mm512_reduce_min_epi32(low), hi = _mm512_reduce_max_epi32(high);
     while (lo < hi) {
         int64_t mid = lo + (hi - lo + 1) / 2;
-        __m512i t = _mm512_set1_epi32((int32_t)mid);
-        int64_t count = 0;
-        for (int64_t i = 0; i < full; i += 16)
-            count += __builtin_popcount(_mm512_cmpge_epi32_mask(order_keys(_mm512_loadu_ps(scores + i)), t));
-        if (tail)
-            count += __builtin_popcount(
-                _mm512_mask_cmpge_epi32_mask(tail, order_keys(_mm512_maskz_loadu_ps(tail, scores + full)), t));
-        if (count >= keep) lo = mid;
-        else hi = mid - 1;
+        int64_t count = count_keys(scores, n, (int32_t)mid, _MM_CMPINT_NLT);
+        if (count < keep) {
+            hi = mid - 1;
+        } else {
+            lo = mid;
+            if (count <= keep + extra) break;
+        }
     }
-    __m512i t = _mm512_set1_epi32((int32_t)lo);
-    int64_t above = 0;
+    const __m512i t = _mm512_set1_epi32((int32_t)lo);
+    /* keys above t stay; of the keys equal to t, the first ones up to keep + extra */
+    int64_t ties = keep + extra - count_keys(scores, n, (int32_t)lo, _MM_CMPINT_NLE), out = 0;
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 lanes = i + 16 <= n ? 0xFFFF : tail;
-        above += __builtin_popcount(_mm512_mask_cmpgt_epi32_mask(lanes, order_keys(_mm512_maskz_loadu_ps(lanes, scores + i)), t));
-    }
-    int64_t ties = keep - above, out = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 lanes = i + 16 <= n ? 0xFFFF : tail;
+        __mmask16 lanes = i + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
         __m512 v = _mm512_maskz_loadu_ps(lanes, scores + i);
         __m512i p = _mm512_maskz_loadu_epi32(lanes, positions + i);
         __m512i key = order_keys(v);
         __mmask16 take = _mm512_mask_cmpgt_epi32_mask(lanes, key, t);
         __mmask16 equal = _mm512_mask_cmpeq_epi32_mask(lanes, key, t);
-        while (equal && ties > 0) {  /* the first ties at the cut fill the last places */
+        while (equal && ties > 0) {
             take |= equal & -equal;
             equal &= equal - 1;
             ties--;
@@ -144,6 +162,7 @@ static float cut_to_best(float *scores, int32_t *positions, int64_t n, int64_t k
         _mm512_mask_compressstoreu_epi32(positions + out, take, p);
         out += __builtin_popcount(take);
     }
+    *count_io = out;
     int32_t cut_bits = (int32_t)lo;
     cut_bits = cut_bits < 0 ? cut_bits ^ 0x7FFFFFFF : cut_bits;
     float cut;
@@ -151,90 +170,110 @@ static float cut_to_best(float *scores, int32_t *positions, int64_t n, int64_t k
     return cut;
 }
 
-/* Appends the scores above the running thresholds of one scored group to the survivor buffers.
- * tiles: [cand_pad / 32, 4, 16, 16] (tile quartet of each candidate pair: rows 0-15 x candidates
- * 2p*16.., rows 0-15 x (2p+1)*16.., rows 16-31 x 2p*16.., rows 16-31 x (2p+1)*16..). */
-static void select_group(const Job *job, Workspace *ws, const float *tiles, uint32_t valid, int64_t first) {
-    const int64_t pair_count = job->cand_pad / 32, keep = job->keep, capacity = job->capacity;
-    for (int64_t pair = 0; pair < pair_count; pair++) {
-        for (int quarter = 0; quarter < 4; quarter++) {
-            int half = quarter >> 1;
-            int64_t tile_col = 2 * pair + (quarter & 1);
-            uint32_t rows_valid = (valid >> (16 * half)) & 0xFFFF;
-            const float *tile = tiles + (pair * 4 + quarter) * 256;
-            __m512 thr = _mm512_loadu_ps(ws->threshold + tile_col * 16);
-            while (rows_valid) {
-                int r = __builtin_ctz(rows_valid);
-                rows_valid &= rows_valid - 1;
-                __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(tile + r * 16), thr, _CMP_GT_OQ);
-                if (!hit) continue;
-                int32_t position = (int32_t)(first + 16 * half + r);
-                while (hit) {
-                    int lane = __builtin_ctz(hit);
-                    hit &= hit - 1;
-                    int64_t c = tile_col * 16 + lane;
-                    int64_t n = ws->count[c];
-                    float *cs = ws->scores + c * capacity;
-                    int32_t *cp = ws->positions + c * capacity;
-                    cs[n] = tile[r * 16 + lane];
-                    cp[n] = position;
-                    if (++n == capacity) {
-                        ws->threshold[c] = cut_to_best(cs, cp, n, keep);
-                        n = keep;
-                        thr = _mm512_loadu_ps(ws->threshold + tile_col * 16);
-                    }
-                    ws->count[c] = n;
-                }
-            }
+/* Transposes 16 rows of 16 32-bit values in place (r[i][j] -> r[j][i]). */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++) {
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
         }
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
     }
 }
 
-/* Copies the rows of ids[first, first + GROUP_ROWS) (0 past `end`) into rows; returns the bit
- * mask of the eligible ones (id not 0, row not zero). */
-static uint32_t gather_group(const Job *job, const int64_t *ids, int64_t first, int64_t end, uint16_t *rows) {
-    const int64_t dim = job->dim, dim_pad = job->dim_pad, row_bytes = dim * 2;
+/* Gathers the rows ids[first, first + GROUP_ROWS) (zero past `end` and for id 0) in pair layout:
+ * for each 16-row block and each 32-dim slice kk, a tile whose row p holds dims (2p, 2p + 1) of
+ * the 16 rows, the B operand of TDPBF16PS. Returns the mask of eligible rows (non-zero rows). */
+static uint32_t gather_group(const Job *job, const int64_t *ids, int64_t first, int64_t end, uint32_t *rows) {
+    const int64_t dim = job->dim, k_tiles = job->dim_pad / 32;
     uint32_t valid = 0;
-    for (int r = 0; r < GROUP_ROWS; r++) {
-        int64_t p = first + r;
-        uint16_t *dst = rows + r * dim_pad;
-        int64_t id = p < end ? ids[p] : 0;
-        if (id == 0) {
-            memset(dst, 0, (size_t)row_bytes);
-            continue;
+    for (int block = 0; block < 2; block++) {
+        const uint16_t *src[16];
+        for (int n = 0; n < 16; n++) {
+            int64_t p = first + block * 16 + n;
+            int64_t id = p < end ? ids[p] : 0;
+            src[n] = id ? job->screen + id * dim : NULL;
         }
-        const uint16_t *src = job->screen + id * dim;
-        int nonzero = 0;
-        if (dim % 32 == 0) {
-            __m512i any = _mm512_setzero_si512();
-            for (int64_t e = 0; e < dim; e += 32) {
-                __m512i v = _mm512_loadu_si512(src + e);
-                _mm512_storeu_si512(dst + e, v);
-                any = _mm512_or_si512(any, v);
+        __m512i any = _mm512_setzero_si512();
+        for (int64_t kk = 0; kk < k_tiles; kk++) {
+            int64_t width = dim - kk * 32 < 32 ? dim - kk * 32 : 32;
+            __mmask32 lanes = width == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << width) - 1);
+            __m512i r[16];
+            for (int n = 0; n < 16; n++)
+                r[n] = src[n] ? _mm512_maskz_loadu_epi16(lanes, src[n] + kk * 32) : _mm512_setzero_si512();
+            transpose16(r);
+            uint32_t *tile = rows + (block * k_tiles + kk) * 256;
+            for (int q = 0; q < 16; q++) {
+                _mm512_store_si512(tile + q * 16, r[q]);
+                any = _mm512_or_si512(any, r[q]);
             }
-            /* ignoring the sign bit: a row of -0.0 is a zero row */
-            nonzero = _mm512_test_epi16_mask(any, _mm512_set1_epi16(0x7FFF)) != 0;
-        } else {
-            memcpy(dst, src, (size_t)row_bytes);
-            for (int64_t e = 0; e < dim; e++) nonzero |= (src[e] & 0x7FFF) != 0;
         }
-        if (nonzero) valid |= 1u << r;
+        /* lane n of `any` ORs row n's values; the sign bits are ignored (-0.0 is zero) */
+        valid |= (uint32_t)_mm512_test_epi32_mask(any, _mm512_set1_epi32(0x7FFF7FFF)) << (16 * block);
     }
     return valid;
 }
 
-static void prefetch_group(const Job *job, const int64_t *ids, int64_t first, int64_t end) {
-    const int64_t row_bytes = job->dim * 2;
-    for (int64_t p = first; p < first + GROUP_ROWS && p < end; p++) {
-        const char *row = (const char *)(job->screen + ids[p] * job->dim);
-        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T1);
+/* Appends, for every candidate, the rows of one scored group above its threshold.
+ * tiles: [cand_pad / 32, 4, 16, 16]: for candidate pair `pair`, tile 2t + b holds candidates
+ * (2 * pair + t) * 16 + 0..15 (tile rows) x group rows b * 16 + 0..15 (lanes). */
+static void select_group(const Job *job, Workspace *ws, const float *tiles, uint32_t valid, int64_t first) {
+    const int64_t n_cands = job->n_cands, keep = job->keep, capacity = job->capacity;
+    const __mmask16 valid0 = (__mmask16)(valid & 0xFFFF), valid1 = (__mmask16)(valid >> 16);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i at0 = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)first));
+    const __m512i at1 = _mm512_add_epi32(at0, _mm512_set1_epi32(16));
+    for (int64_t c = 0; c < n_cands; c++) {
+        const float *pair = tiles + (c / 32) * 1024 + ((c / 16) & 1) * 512 + (c & 15) * 16;
+        __m512 thr = _mm512_set1_ps(ws->threshold[c]);
+        __m512 v0 = _mm512_load_ps(pair), v1 = _mm512_load_ps(pair + 256);
+        __mmask16 hit0 = _mm512_mask_cmp_ps_mask(valid0, v0, thr, _CMP_GT_OQ);
+        __mmask16 hit1 = _mm512_mask_cmp_ps_mask(valid1, v1, thr, _CMP_GT_OQ);
+        if (!(hit0 | hit1)) continue;
+        int64_t n = ws->count[c];
+        float *cs = ws->scores + c * (capacity + SLACK);
+        int32_t *cp = ws->positions + c * (capacity + SLACK);
+        /* register compresses and full stores: the buffer's slack takes the lanes past the hits */
+        _mm512_storeu_ps(cs + n, _mm512_maskz_compress_ps(hit0, v0));
+        _mm512_storeu_si512(cp + n, _mm512_maskz_compress_epi32(hit0, at0));
+        n += __builtin_popcount(hit0);
+        _mm512_storeu_ps(cs + n, _mm512_maskz_compress_ps(hit1, v1));
+        _mm512_storeu_si512(cp + n, _mm512_maskz_compress_epi32(hit1, at1));
+        n += __builtin_popcount(hit1);
+        if (n > capacity) {
+            ws->threshold[c] = cut_to_best(cs, cp, &n, keep, keep / 2);  /* approximate: cheaper */
+        }
+        ws->count[c] = n;
     }
 }
 
+static inline void prefetch_row(const Job *job, int64_t id) {
+    const char *row = (const char *)(job->screen + id * job->dim);
+    for (int64_t off = 0; off < job->dim * 2; off += 64) _mm_prefetch(row + off, _MM_HINT_T1);
+}
+
 /* Scores rows [start, end) of one user and keeps their survivors (see the file comment).
- * A software pipeline: group g is gathered and scored (the tile products run in the matrix unit)
- * while the selection works through group g - 1, whose tiles were stored a group earlier, so
- * vector loads never wait on tile stores; rows are prefetched PREFETCH_GROUPS groups ahead. */
+ * A software pipeline: while group g is scored (the tile products run in the matrix unit), the
+ * next group is gathered and the selection works through group g - 1, whose tiles were stored a
+ * group earlier, so vector loads never wait on tile stores, and tile loads read rows stored a
+ * group earlier (a tile load cannot take data from stores that have not retired). The rows of
+ * group g + PREFETCH_GROUPS are prefetched a few at a time between the tile products: random
+ * rows are bound by the core's outstanding misses, and a burst of a whole group's prefetches
+ * stalled the core. */
 static void screen_item(Job *job, Workspace *ws, int64_t item) {
     const int64_t dim_pad = job->dim_pad, n_cands = job->n_cands;
     const int64_t cand_pad = job->cand_pad, keep = job->keep, capacity = job->capacity;
@@ -244,37 +283,42 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     const int64_t end = job->item_end[item] < length ? job->item_end[item] : length;
     const int64_t *ids = job->history + user * job->hist_stride;
     const int64_t k_tiles = dim_pad / 32, pair_count = cand_pad / 32;
-    const uint16_t *cands = job->cands + user * k_tiles * (cand_pad / 16) * 512;
-    const int64_t tiles_per_group = pair_count * 4 * 256;
+    const uint16_t *cands = job->cands + user * cand_pad * dim_pad;
+    const int64_t rows_per_group = 2 * k_tiles * 256, tiles_per_group = pair_count * 1024;
+    const int64_t per_step = (GROUP_ROWS + pair_count * k_tiles - 1) / (pair_count * k_tiles);
     int64_t n_valid = 0;
     uint32_t pending_valid = 0;
-    int64_t pending_first = -1;
+    int64_t pending_first = 0;
 
-    for (int64_t c = 0; c < cand_pad; c++) ws->threshold[c] = c < n_cands ? -INFINITY : INFINITY;
+    for (int64_t c = 0; c < n_cands; c++) ws->threshold[c] = -INFINITY;
     memset(ws->count, 0, (size_t)n_cands * sizeof(int64_t));
-    for (int64_t d = 0; d < PREFETCH_GROUPS; d++) prefetch_group(job, ids, start + d * GROUP_ROWS, end);
+    int64_t fetched = start;  /* rows before this one have been prefetched */
+    for (; fetched < start + PREFETCH_GROUPS * GROUP_ROWS && fetched < end; fetched++) prefetch_row(job, ids[fetched]);
 
+    uint32_t valid_next = start < end ? gather_group(job, ids, start, end, ws->rows) : 0;
     int64_t step = 0;
     for (int64_t g = start; g < end; g += GROUP_ROWS, step++) {
-        uint16_t *rows = ws->rows + (step & 1) * GROUP_ROWS * dim_pad;
+        const uint32_t *rows = ws->rows + (step & 1) * rows_per_group;
         float *tiles = ws->tiles + (step & 1) * tiles_per_group;
-        uint32_t valid = gather_group(job, ids, g, end, rows);
-        prefetch_group(job, ids, g + PREFETCH_GROUPS * GROUP_ROWS, end);
+        uint32_t valid = valid_next;
+        if (g + GROUP_ROWS < end)
+            valid_next = gather_group(job, ids, g + GROUP_ROWS, end, ws->rows + ((step + 1) & 1) * rows_per_group);
+        const int64_t fetch_to = g + (PREFETCH_GROUPS + 1) * GROUP_ROWS < end ? g + (PREFETCH_GROUPS + 1) * GROUP_ROWS : end;
         n_valid += __builtin_popcount(valid);
         if (valid) {
             for (int64_t pair = 0; pair < pair_count; pair++) {
-                const uint16_t *b0 = cands + (2 * pair) * 512;  /* a tile is 16 rows of 64 bytes */
-                const uint16_t *b1 = b0 + 512;
+                const uint16_t *a0 = cands + pair * 32 * dim_pad, *a1 = a0 + 16 * dim_pad;
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int64_t kk = 0; kk < k_tiles; kk++) {
-                    _tile_loadd(4, rows + kk * 32, dim_pad * 2);
-                    _tile_loadd(5, rows + 16 * dim_pad + kk * 32, dim_pad * 2);
-                    _tile_loadd(6, b0 + kk * (cand_pad / 16) * 512, 64);
-                    _tile_loadd(7, b1 + kk * (cand_pad / 16) * 512, 64);
+                    _tile_loadd(4, a0 + kk * 32, dim_pad * 2);
+                    _tile_loadd(5, a1 + kk * 32, dim_pad * 2);
+                    _tile_loadd(6, rows + kk * 256, 64);
+                    _tile_loadd(7, rows + (k_tiles + kk) * 256, 64);
                     _tile_dpbf16ps(0, 4, 6);
                     _tile_dpbf16ps(1, 4, 7);
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
+                    for (int64_t i = 0; i < per_step && fetched < fetch_to; i++, fetched++) prefetch_row(job, ids[fetched]);
                 }
                 float *quartet = tiles + pair * 1024;
                 _tile_stored(0, quartet, 64);
@@ -283,6 +327,7 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
                 _tile_stored(3, quartet + 768, 64);
             }
         }
+        for (; fetched < fetch_to; fetched++) prefetch_row(job, ids[fetched]);
         if (pending_valid)
             select_group(job, ws, ws->tiles + ((step - 1) & 1) * tiles_per_group, pending_valid, pending_first);
         pending_valid = valid;
@@ -295,13 +340,12 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     int32_t *out_positions = job->item_positions + item * n_cands * keep;
     for (int64_t c = 0; c < n_cands; c++) {
         int64_t n = ws->count[c];
-        float *cs = ws->scores + c * capacity;
-        int32_t *cp = ws->positions + c * capacity;
+        float *cs = ws->scores + c * (capacity + SLACK);
+        int32_t *cp = ws->positions + c * (capacity + SLACK);
         float bound = ws->threshold[c];
         if (n > keep) {
-            float cut = cut_to_best(cs, cp, n, keep);
+            float cut = cut_to_best(cs, cp, &n, keep, 0);
             bound = cut > bound ? cut : bound;
-            n = keep;
         }
         memcpy(out_scores + c * keep, cs, (size_t)n * sizeof(float));
         memcpy(out_positions + c * keep, cp, (size_t)n * sizeof(int32_t));
@@ -315,17 +359,16 @@ static void *worker(void *arg) {
     Job *job = (Job *)arg;
     const int64_t n_cands = job->n_cands, capacity = job->capacity;
     Workspace ws;
-    size_t rows_bytes = (size_t)2 * GROUP_ROWS * job->dim_pad * 2;
+    size_t rows_bytes = (size_t)2 * 2 * (job->dim_pad / 32) * 256 * sizeof(uint32_t);
     ws.rows = aligned_alloc(64, rows_bytes);
-    ws.tiles = aligned_alloc(64, (size_t)2 * (job->cand_pad / 32) * 4 * 256 * sizeof(float));
-    ws.threshold = aligned_alloc(64, ((size_t)job->cand_pad * sizeof(float) + 63) / 64 * 64);
-    ws.scores = malloc((size_t)n_cands * capacity * sizeof(float));
-    ws.positions = malloc((size_t)n_cands * capacity * sizeof(int32_t));
+    ws.tiles = aligned_alloc(64, (size_t)2 * (job->cand_pad / 32) * 1024 * sizeof(float));
+    ws.threshold = malloc((size_t)n_cands * sizeof(float));
+    ws.scores = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(float));
+    ws.positions = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(int32_t));
     ws.count = malloc((size_t)n_cands * sizeof(int64_t));
     if (!ws.rows || !ws.tiles || !ws.threshold || !ws.scores || !ws.positions || !ws.count) {
         __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
     } else {
-        memset(ws.rows, 0, rows_bytes);  /* the columns past dim stay zero */
         TileConfig config;
         memset(&config, 0, sizeof(config));
         config.palette_id = 1;
@@ -360,7 +403,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.screen = screen; job.n_rows = n_rows; job.dim = dim; job.dim_pad = (dim + 31) / 32 * 32;
     job.history = history; job.hist_stride = hist_stride; job.lengths = lengths;
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
-    job.keep = keep; job.capacity = CAPACITY_FACTOR * keep;
+    job.keep = keep; job.capacity = (2 * keep + 15) / 16 * 16;  /* cut when a buffer holds twice `keep` */
     if (splits < 1) splits = 1;
     int64_t span = (block_len + splits - 1) / splits;
     span = (span + GROUP_ROWS - 1) / GROUP_ROWS * GROUP_ROWS;
@@ -423,9 +466,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                 bound = b > bound ? b : bound;
             }
             if (n > keep) {
-                float cut = cut_to_best(merged, merged_pos, n, keep);
+                float cut = cut_to_best(merged, merged_pos, &n, keep, 0);
                 bound = cut > bound ? cut : bound;
-                n = keep;
             }
             float *os = out_scores + (u * n_cands + c) * keep;
             int64_t *op = out_positions + (u * n_cands + c) * keep;
@@ -442,4 +484,49 @@ done:
     free(item_user); free(job.item_scores); free(job.item_positions);
     free(job.item_count); free(job.item_bound); free(job.item_valid);
     return status;
+}
+
+/* Row `id` of a table of `dtype` (0 float32, 1 float16, 2 bfloat16, 3 int8), dims [d, d + 16)
+ * masked to `lanes`, as float32. */
+static inline __m512 load_row16(const void *table, int dtype, int64_t dim, int64_t id, int64_t d, __mmask16 lanes) {
+    const int64_t at = id * dim + d;
+    switch (dtype) {
+    case 0: return _mm512_maskz_loadu_ps(lanes, (const float *)table + at);
+    case 1: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)table + at));
+    case 2: return _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)table + at)), 16));
+    default: return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lanes, (const int8_t *)table + at)));
+    }
+}
+
+/* Exact float32 cosines of survivors: out[b, c, j] = <cands[b, c], row ids[b, c, j]> * inv_norm[id]
+ * for the table's own values converted to float32. Every row is summed in the same order, so all
+ * copies of an item get the same bits for a candidate (duplicates tie exactly). Rows of the next
+ * candidate are prefetched while this one is scored (survivors are random rows of the table). */
+int muse_rescore(const void *table, int64_t dtype, int64_t dim, const float *inv_norm,
+                 const float *cands, const int64_t *ids, int64_t n_users, int64_t n_cands,
+                 int64_t m, int64_t n_threads, float *out) {
+    const int64_t pairs = n_users * n_cands;
+    const int64_t element = dtype == 0 ? 4 : dtype == 3 ? 1 : 2;
+#pragma omp parallel for schedule(static) num_threads((int)n_threads)
+    for (int64_t bc = 0; bc < pairs; bc++) {
+        const float *cand = cands + bc * dim;
+        const int64_t *row_ids = ids + bc * m;
+        if (bc + 1 < pairs) {
+            for (int64_t j = 0; j < m; j++) {
+                const char *next = (const char *)table + row_ids[m + j] * dim * element;
+                for (int64_t off = 0; off < dim * element; off += 64) _mm_prefetch(next + off, _MM_HINT_T1);
+            }
+        }
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t id = row_ids[j];
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 16) {
+                __mmask16 lanes = d + 16 <= dim ? 0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
+                sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, cand + d), load_row16(table, (int)dtype, dim, id, d, lanes), sum);
+            }
+            out[bc * m + j] = _mm512_reduce_add_ps(sum) * inv_norm[id];
+        }
+    }
+    return 0;
 }

@@ -95,7 +95,9 @@ def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch, force_sc
     prepared = cosine_topk(table, candidates, history, lengths, 10)
     monkeypatch.setattr(cpu_topk, "SCREEN_COPY_MAX_ELEMENTS", 0)
     per_chunk = cosine_topk(table, candidates, history, lengths, 10)
-    assert torch.equal(prepared[1], per_chunk[1]) and torch.equal(prepared[0], per_chunk[0])
+    assert torch.equal(prepared[1], per_chunk[1])
+    # The native path re-scores in its own summation order: equal up to float32 rounding.
+    torch.testing.assert_close(prepared[0], per_chunk[0], atol=2e-6, rtol=0)
 
 
 def test_prepared_copy_follows_in_place_edits_of_the_table(force_screen):

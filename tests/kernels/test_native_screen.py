@@ -90,3 +90,23 @@ def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
 def test_the_environment_can_switch_native_kernels_off(monkeypatch):
     monkeypatch.setenv("MUSE_NATIVE_KERNELS", "0")
     assert native._load() == (None, "disabled by MUSE_NATIVE_KERNELS=0")
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dim", [128, 24])
+def test_rescore_is_the_float32_cosine_and_ties_duplicates_exactly(dtype, dim):
+    gen = torch.Generator().manual_seed(dim)
+    table = torch.randn(60, dim, generator=gen)
+    table = (table * 40).to(torch.int8) if dtype == torch.int8 else table.to(dtype)
+    table[0] = 0
+    rows = table.double()
+    norms = rows.norm(dim=1)
+    inv_norm = torch.where(norms > 0, 1 / norms, 0).float()
+    unit_cands = torch.nn.functional.normalize(torch.randn(2, 3, dim, generator=gen), dim=-1)
+    ids = torch.randint(0, 60, (2, 3, 40), generator=gen)
+    ids[..., 5] = ids[..., 6] = 17  # the same item twice
+    exact = native.rescore(table, inv_norm, unit_cands, ids, threads=2)
+    expected = (unit_cands.double().unsqueeze(2) * rows[ids]).sum(-1) * inv_norm.double()[ids]
+    torch.testing.assert_close(exact.double(), expected, atol=2e-6, rtol=0)
+    assert torch.equal(exact[..., 5], exact[..., 6])
