@@ -33,7 +33,9 @@ Two strategies, chosen per block of users (details and measurements in docs/gsu.
   Steps 1-2 and the re-scoring run in one fused C kernel where the CPU has AMX
   (`kernels.native`: gather, tile products and a running selection in one pass, ~3x faster);
   it returns, instead of "the lowest survivor", a bound on every score it left out, which the
-  proof of step 3 uses the same way. USE_NATIVE = False forces the torch screen.
+  proof of step 3 uses the same way, and an unproven candidate is first screened again with
+  NATIVE_REGROW times more survivors (a pass is cheap there). USE_NATIVE = False forces the
+  torch screen.
 
   Ineligible behaviours (padding, id 0, zero rows) score as zero vectors in the screen and are
   dropped at re-scoring; the proof counts eligible survivors only, so they may take a survivor
@@ -83,6 +85,10 @@ EXACT_SLICE_ROWS = 8192
 # Screen with the fused native kernel (kernels/native) where it can run; False forces the torch
 # screen (tests run both).
 USE_NATIVE = True
+# Candidates the fused screen cannot prove are screened again with NATIVE_REGROW times more
+# survivors, up to NATIVE_REGROW_MAX_KEEP, before the one-pass widening of the torch path.
+NATIVE_REGROW = 4
+NATIVE_REGROW_MAX_KEEP = 16_384
 _PREP: list = []  # [weakref to the table, its version, its _TablePrep]
 _SCRATCH = threading.local()
 _TINY = torch.finfo(torch.float32).tiny
@@ -177,9 +183,20 @@ def cosine_topk_cpu(
         for b in (~complete).any(1).nonzero().flatten().tolist():
             user = int(block[b])
             redo = (~complete[b]).nonzero().flatten()
-            out_scores[user, redo], out_positions[user, redo] = screener.widen(
-                unit_cands[user, redo], history[user, : lengths[user]], scores[b, redo, k - 1], k, cols
-            )
+            user_hist, user_len = history[user : user + 1, : lengths[user]], lengths[user : user + 1]
+            kth = scores[b, redo, k - 1]
+            # A fused screen pass is cheap: first try again with more survivors (near-ties that
+            # bf16 cannot order come in clusters of hundreds to thousands).
+            grown = keep
+            while screener.fused and len(redo) and grown * NATIVE_REGROW < min(int(user_len), NATIVE_REGROW_MAX_KEEP):
+                grown *= NATIVE_REGROW
+                s, p, done = screener.select(unit_cands[user : user + 1, redo], user_hist, user_len, k, grown, cols)
+                out_scores[user, redo[done[0]]], out_positions[user, redo[done[0]]] = s[0, done[0]], p[0, done[0]]
+                redo, kth = redo[~done[0]], s[0, ~done[0], k - 1]
+            if len(redo):
+                out_scores[user, redo], out_positions[user, redo] = screener.widen(
+                    unit_cands[user, redo], user_hist[0], kth, k, cols
+                )
     return out_scores, out_positions
 
 

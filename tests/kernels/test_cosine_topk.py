@@ -163,16 +163,22 @@ def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch, force_scr
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
-def test_widening_keeps_every_behaviour_the_bound_cannot_rule_out(monkeypatch, force_screen):
-    # With no margin at all, the k-th exact score found first bounds the rest: the single extra
-    # pass must re-score all 60 near-tied rows and none of the 200 far ones.
+def near_ties_among_far_rows():
+    """near_tie_case's 60 near-tied rows after 200 rows far from the candidate (L = 260)."""
     table, candidates, history, lengths = near_tie_case()
     gen = torch.Generator().manual_seed(8)
     far = torch.nn.functional.normalize(torch.randn(200, 16, generator=gen), dim=1)
     far = far - (far @ table[1]).clamp_min(0).unsqueeze(1) * table[1]  # nothing close to the candidate
     table = torch.cat([table, torch.nn.functional.normalize(far, dim=1)])
     history = torch.cat([torch.arange(62, 262), history[0]]).unsqueeze(0)
-    lengths = torch.tensor([260])
+    return table, candidates, history, torch.tensor([260])
+
+
+@pytest.mark.torch_screen_only
+def test_widening_keeps_every_behaviour_the_bound_cannot_rule_out(monkeypatch, force_screen):
+    # With no margin at all, the k-th exact score found first bounds the rest: the single extra
+    # pass must re-score all 60 near-tied rows and none of the 200 far ones.
+    table, candidates, history, lengths = near_ties_among_far_rows()
     rescored = []
     exact_scores = cpu_topk._exact_scores
     monkeypatch.setattr(cpu_topk, "_exact_scores", lambda t, p, c, ids: rescored.append(ids.shape[-1]) or exact_scores(t, p, c, ids))
@@ -326,3 +332,18 @@ def test_errors_name_the_argument(kwargs, message):
 def test_bad_offsets_are_rejected():
     with pytest.raises(ValueError, match="offsets"):
         cosine_topk(make_table(10, 4), torch.tensor([[1]]), torch.tensor([1, 2]), k=1, offsets=torch.tensor([0, 3]))
+
+
+def test_the_fused_screen_regrows_its_survivors_before_widening(monkeypatch, screen_kind, force_screen):
+    # 10 survivors cannot prove 60 near-ties; 40 cannot either; 160 can (the far rows fall below
+    # the bound), so the torch widening is never needed.
+    if screen_kind != "native-screen":
+        pytest.skip("the regrowth is the fused screen's")
+    table, candidates, history, lengths = near_ties_among_far_rows()
+    screens = count_calls(monkeypatch, "screen_topk", native)
+    widens = count_calls(monkeypatch, "widen", cpu_topk._Screener)
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=0)
+    assert len(screens) == 3 and not widens
+    ref = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
