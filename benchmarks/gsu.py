@@ -65,17 +65,23 @@ def _rss() -> int:
 
 
 def timed(fn, repeats: int, budget_s: float) -> tuple[float, float, object]:
-    """(best seconds, peak added MB, last result): at least one run, more while under budget."""
-    best, peak, result, spent = float("inf"), 0.0, None, 0.0
+    """(best seconds, peak added MB, last result).
+
+    One run under the memory sampler (a thread waking every ms: on 2 busy cores it preempts the
+    timed threads, +20% on a 5 ms call), then at least one timed run without it, more while under
+    budget.
+    """
+    with PeakRss() as mem:
+        result = fn()
+    best, spent = float("inf"), 0.0
     for _ in range(repeats):
-        with PeakRss() as mem:
-            start = time.perf_counter()
-            result = fn()
-            elapsed = time.perf_counter() - start
-        best, peak, spent = min(best, elapsed), max(peak, mem.added_mb), spent + elapsed
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
         if spent > budget_s:
             break
-    return best, peak, result
+    return best, mem.added_mb, result
 
 
 def machine_limits(repeats: int, dim: int) -> dict[str, float]:
@@ -83,8 +89,8 @@ def machine_limits(repeats: int, dim: int) -> dict[str, float]:
 
     The compute limit of a dtype is the better of two matmuls: 2048^3, and the screen's own shape
     (65,536 rows of `dim` times 256 columns, no gather), which runs faster on CPUs with matrix
-    units; taking the better one, after a warm-up and at least 10 runs (a cold first call once
-    measured bf16 at half its rate), keeps the bound from flattering the fast path.
+    units; taking the better one, at least 10 runs after an untimed first one (a cold first call
+    once measured bf16 at half its rate), keeps the bound from flattering the fast path.
     """
     src = torch.ones(2**27)  # 512 MiB
     dst = torch.empty_like(src)
@@ -96,7 +102,6 @@ def machine_limits(repeats: int, dim: int) -> dict[str, float]:
         for shape_name, (m, inner, n) in shapes.items():
             a, b = torch.randn(m, inner).to(dtype), torch.randn(inner, n).to(dtype)
             product = torch.empty(m, n, dtype=dtype)
-            torch.mm(a, b, out=product)  # the first call builds the kernel: never timed
             mm_s, _, _ = timed(lambda: torch.mm(a, b, out=product), max(repeats, 10), 5.0)
             out[f"matmul_{name}_{shape_name}_flop_per_s"] = 2 * m * inner * n / mm_s
             rates.append(2 * m * inner * n / mm_s)
@@ -208,7 +213,7 @@ def main() -> int:
     lengths_grid = args.lengths or ([1_000, 10_000] if args.quick else [1_000, 10_000, 100_000])
     cands_grid = args.candidates or ([1, 100] if args.quick else [1, 100, 1_000])
     n_items = args.items or (100_000 if args.quick else 1_000_000)
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 10)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}[args.dtype]
 
     print(f"measuring machine limits ({torch.get_num_threads()} threads)...", flush=True)
