@@ -449,31 +449,31 @@ class _Screener:
         [Bb, C]: True where the result is proven to be the exact top-k.
         """
         table = self.table
+        absolute, relative = self.bound
         if self.fused:
-            approx, positions, bound, n_valid = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
-            trusted = torch.ones(bound.shape, dtype=torch.bool)
-        else:
-            approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
+            _, positions, bound, n_valid = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
+            scores, top_positions, n_eligible = native.rescore_topk(
+                table, self.prep.inv_norm, unit_cands, history, lengths, positions, k
+            )
+            # Complete when every eligible behaviour survived, or when whatever was left out
+            # (screened at most `bound`, so exactly at most bound + eps(bound)) scores below the
+            # k-th exact survivor: the true k-th score is at least that (module docstring).
+            reach = torch.where(bound > float("-inf"), bound + absolute + relative * bound.abs(), bound)
+            complete = (n_eligible == n_valid.unsqueeze(1)) | (reach < scores[..., k - 1])
+            return scores, top_positions, complete
+
+        approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
         kept = approx.shape[-1]
-
-        ids = history.gather(1, positions.clamp_min(0).flatten(1)).view_as(positions)  # [Bb, C, kept]
-        if self.fused:
-            exact = native.rescore(table, self.prep.inv_norm, unit_cands, ids)
-            eligible = ids.ne(0) & self.prep.inv_norm[ids].gt(0)
-        else:
-            exact, eligible = _exact_scores(table, self.prep, unit_cands, ids)
-        eligible &= (positions >= 0) & (positions < lengths.view(-1, 1, 1))
+        ids = history.gather(1, positions.flatten(1)).view_as(positions)  # [Bb, C, kept]
+        exact, eligible = _exact_scores(table, self.prep, unit_cands, ids)
+        eligible &= positions < lengths.view(-1, 1, 1)
         exact.masked_fill_(~eligible, float("-inf"))
-
-        keys = pack_keys(exact, positions.clamp_min(0))
+        keys = pack_keys(exact, positions)
         scores, top_positions = unpack_keys(keys.topk(min(k, kept), dim=-1).values)
 
-        # Complete when every eligible behaviour survived, or when whatever was left out (screened
-        # at most `bound`, so exactly at most bound + eps(bound)) scores below the k-th exact
-        # survivor: the true k-th score is at least that (the module docstring has the argument).
+        # As above, with the lowest survivor as the bound (top-`keep` selection).
         complete = eligible.sum(-1) == n_valid.unsqueeze(1)
         if kept >= k:
-            absolute, relative = self.bound
             reach = torch.where(bound > float("-inf"), bound + absolute + relative * bound.abs(), bound)
             complete |= reach < scores[..., k - 1]
         complete &= trusted

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "rescore", "screen_topk", "unavailable_reason"]
+__all__ = ["available", "rescore_topk", "screen_topk", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("screen_amx.c")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mamx-tile", "-mamx-bf16", "-fPIC", "-shared", "-fopenmp"]
@@ -75,11 +75,12 @@ def _load():
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p]
-    rescore = library.muse_rescore
+    rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                        ctypes.c_void_p]
+                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["rescore"] = rescore
     return fn, None
 
@@ -177,24 +178,43 @@ def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
-def rescore(
-    table: torch.Tensor, inv_norm: torch.Tensor, unit_cands: torch.Tensor, ids: torch.Tensor, threads: int | None = None
-) -> torch.Tensor:
-    """Exact float32 cosines of candidates with their own survivors.
+def rescore_topk(
+    table: torch.Tensor,
+    inv_norm: torch.Tensor,
+    unit_cands: torch.Tensor,
+    history: torch.Tensor,
+    lengths: torch.Tensor,
+    positions: torch.Tensor,
+    k: int,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-k of each (user, candidate) among its screened survivors.
 
     Args: table [N+1, D] (float32 / float16 / bfloat16 / int8, as stored); inv_norm float32 [N+1]
-    (1 / row norm, 0 for zero rows); unit_cands float32 [B, C, D]; ids int64 [B, C, m].
-    Returns float32 [B, C, m]: <candidate, row> * inv_norm[id], every row summed in one fixed
-    order (copies of an item tie exactly). Raises RuntimeError when `available()` is False.
+    (1 / row norm, 0 for zero rows); unit_cands float32 [B, C, D]; history [B, L]; lengths [B];
+    positions int64 [B, C, m] (history positions, -1 = unused).
+    Returns scores float32 [B, C, k] descending (ties toward the larger position; -inf past the
+    eligible survivors), positions int64 [B, C, k] (-1 there), eligible int64 [B, C]: survivors
+    inside the length with a non-zero id and row. Scores are <candidate, row> * inv_norm[id] with
+    every row summed in one fixed order (copies of an item tie exactly).
+    Raises RuntimeError when `available()` is False.
     """
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     table, inv_norm = table.contiguous(), inv_norm.contiguous()
-    unit_cands, ids = unit_cands.float().contiguous(), ids.to(torch.int64).contiguous()
-    out = torch.empty(ids.shape)
-    n_users, n_cands, m = ids.shape
-    _STATE["rescore"](
+    unit_cands, positions = unit_cands.float().contiguous(), positions.to(torch.int64).contiguous()
+    history, lengths = history.to(torch.int64), lengths.to(torch.int64).contiguous()
+    if history.stride(1) != 1:
+        history = history.contiguous()
+    n_users, n_cands, m = positions.shape
+    scores = torch.empty(n_users, n_cands, k)
+    top_positions = torch.empty(n_users, n_cands, k, dtype=torch.int64)
+    eligible = torch.empty(n_users, n_cands, dtype=torch.int64)
+    status = _STATE["rescore"](
         table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
-        ids.data_ptr(), n_users, n_cands, m, threads or torch.get_num_threads(), out.data_ptr(),
+        history.data_ptr(), history.stride(0), lengths.data_ptr(), positions.data_ptr(), n_users, n_cands, m, k,
+        threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), eligible.data_ptr(),
     )
-    return out
+    if status != 0:
+        raise MemoryError("rescore_topk: could not allocate its per-thread buffers")
+    return scores, top_positions, eligible

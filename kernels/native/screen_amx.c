@@ -43,6 +43,7 @@
 #define GROUP_ROWS 32      /* two 16-row B tiles */
 #define PREFETCH_GROUPS 3  /* rows are requested this many groups before they are scored */
 #define SLACK 32           /* a buffer takes one group's hits past its cut point */
+#define RESCORE_AHEAD 2    /* survivors' rows are prefetched this many (user, candidate)s ahead */
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette_id;
@@ -101,6 +102,20 @@ static inline __m512i order_keys(__m512 v) {
     __m512i bits = _mm512_castps_si512(v);
     __m512i sign = _mm512_srai_epi32(bits, 31);
     return _mm512_xor_si512(bits, _mm512_and_si512(sign, _mm512_set1_epi32(0x7FFFFFFF)));
+}
+
+static inline int32_t order_key(float v) {
+    int32_t bits;
+    memcpy(&bits, &v, sizeof(bits));
+    return bits < 0 ? bits ^ 0x7FFFFFFF : bits;
+}
+
+/* The float whose order_key is `key`. */
+static inline float key_value(int32_t key) {
+    int32_t bits = key < 0 ? key ^ 0x7FFFFFFF : key;
+    float v;
+    memcpy(&v, &bits, sizeof(v));
+    return v;
 }
 
 /* Number of entries of keys(scores[0, n)) >= t (`cmp` = _MM_CMPINT_NLT) or > t (_MM_CMPINT_NLE). */
@@ -163,11 +178,7 @@ static float cut_to_best(float *scores, int32_t *positions, int64_t *count_io, i
         out += __builtin_popcount(take);
     }
     *count_io = out;
-    int32_t cut_bits = (int32_t)lo;
-    cut_bits = cut_bits < 0 ? cut_bits ^ 0x7FFFFFFF : cut_bits;
-    float cut;
-    memcpy(&cut, &cut_bits, sizeof(cut));
-    return cut;
+    return key_value((int32_t)lo);
 }
 
 /* Transposes 16 rows of 16 32-bit values in place (r[i][j] -> r[j][i]). */
@@ -503,34 +514,81 @@ static inline __m512 load_row16(const void *table, int dtype, int64_t dim, int64
     }
 }
 
-/* Exact float32 cosines of survivors: out[b, c, j] = <cands[b, c], row ids[b, c, j]> * inv_norm[id]
- * for the table's own values converted to float32. Every row is summed in the same order, so all
- * copies of an item get the same bits for a candidate (duplicates tie exactly). Rows of the next
- * candidate are prefetched while this one is scored (survivors are random rows of the table). */
-int muse_rescore(const void *table, int64_t dtype, int64_t dim, const float *inv_norm,
-                 const float *cands, const int64_t *ids, int64_t n_users, int64_t n_cands,
-                 int64_t m, int64_t n_threads, float *out) {
-    const int64_t pairs = n_users * n_cands;
-    const int64_t element = dtype == 0 ? 4 : dtype == 3 ? 1 : 2;
-#pragma omp parallel for schedule(static) num_threads((int)n_threads)
-    for (int64_t bc = 0; bc < pairs; bc++) {
-        const float *cand = cands + bc * dim;
-        const int64_t *row_ids = ids + bc * m;
-        if (bc + 1 < pairs) {
-            for (int64_t j = 0; j < m; j++) {
-                const char *next = (const char *)table + row_ids[m + j] * dim * element;
-                for (int64_t off = 0; off < dim * element; off += 64) _mm_prefetch(next + off, _MM_HINT_T1);
-            }
-        }
-        for (int64_t j = 0; j < m; j++) {
-            const int64_t id = row_ids[j];
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t d = 0; d < dim; d += 16) {
-                __mmask16 lanes = d + 16 <= dim ? 0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
-                sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, cand + d), load_row16(table, (int)dtype, dim, id, d, lanes), sum);
-            }
-            out[bc * m + j] = _mm512_reduce_add_ps(sum) * inv_norm[id];
-        }
+/* <cand, row id> * inv_norm[id] in float32, summed in one fixed order for every row, so all copies
+ * of an item get the same bits for a candidate (duplicates tie exactly). */
+static inline float exact_score(const void *table, int dtype, int64_t dim, const float *inv_norm, const float *cand,
+                                int64_t id) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        __mmask16 lanes = d + 16 <= dim ? 0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
+        sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, cand + d), load_row16(table, dtype, dim, id, d, lanes), sum);
     }
-    return 0;
+    return _mm512_reduce_add_ps(sum) * inv_norm[id];
+}
+
+/* Exact top-k of each (user, candidate) among its survivors.
+ *
+ * positions [n_users, n_cands, m] (-1 = unused) index the users' histories [n_users, hist_stride];
+ * a survivor is eligible when inside the user's length, its id is not 0 and its row is not zero.
+ * Each eligible survivor is scored exactly (`exact_score`, the table's own values as float32)
+ * and ranked by the key (order-preserving int32 of the score) << 32 | position, the order of
+ * kernels/_keys.py: highest score first, ties toward the more recent behaviour.
+ * Outputs: scores float [n_users, n_cands, k] descending and positions int64 [same] (-inf / -1
+ * past the eligible ones), eligible int64 [n_users, n_cands]. Rows of the next (user,
+ * candidate) are prefetched while this one is scored (survivors are random rows of the table). */
+int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
+                      const int64_t *history, int64_t hist_stride, const int64_t *lengths, const int64_t *positions,
+                      int64_t n_users, int64_t n_cands, int64_t m, int64_t k, int64_t n_threads,
+                      float *out_scores, int64_t *out_positions, int64_t *out_eligible) {
+    const int64_t pairs = n_users * n_cands;
+    const int64_t row_bytes = dim * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
+    int status = 0;
+#pragma omp parallel num_threads((int)n_threads)
+    {
+        int64_t *top = malloc((size_t)k * sizeof(int64_t));
+        if (!top) {
+            __atomic_store_n(&status, -1, __ATOMIC_RELAXED);
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t bc = 0; bc < pairs; bc++) {
+                const int64_t user = bc / n_cands, length = lengths[user];
+                const int64_t *ids = history + user * hist_stride;
+                const int64_t *pos = positions + bc * m;
+                const float *cand = cands + bc * dim;
+                int64_t count = 0, eligible = 0;
+                /* the rows of the (user, candidate) RESCORE_AHEAD on, one per row scored here */
+                const int64_t ahead = bc + RESCORE_AHEAD < pairs ? bc + RESCORE_AHEAD : -1;
+                for (int64_t j = 0; j < m; j++) {
+                    if (ahead >= 0) {
+                        const int64_t ahead_user = ahead / n_cands, q = positions[ahead * m + j];
+                        if (q >= 0 && q < lengths[ahead_user]) {
+                            const int64_t id = history[ahead_user * hist_stride + q];
+                            const char *row = (const char *)table + id * row_bytes;
+                            for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+                        }
+                    }
+                    const int64_t p = pos[j];
+                    if (p < 0 || p >= length) continue;
+                    const int64_t id = ids[p];
+                    if (id == 0 || !(inv_norm[id] > 0)) continue;
+                    eligible++;
+                    const int64_t key = (int64_t)order_key(exact_score(table, (int)dtype, dim, inv_norm, cand, id)) * 4294967296LL + p;
+                    if (count == k && key <= top[k - 1]) continue;
+                    int64_t at = count < k ? count++ : k - 1;  /* insertion into the sorted top */
+                    while (at > 0 && top[at - 1] < key) {
+                        top[at] = top[at - 1];
+                        at--;
+                    }
+                    top[at] = key;
+                }
+                out_eligible[bc] = eligible;
+                for (int64_t j = 0; j < k; j++) {
+                    out_scores[bc * k + j] = j < count ? key_value((int32_t)(top[j] >> 32)) : -INFINITY;
+                    out_positions[bc * k + j] = j < count ? (top[j] & 0xFFFFFFFFLL) : -1;
+                }
+            }
+        }
+        free(top);
+    }
+    return status;
 }

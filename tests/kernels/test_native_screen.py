@@ -95,18 +95,34 @@ def test_the_environment_can_switch_native_kernels_off(monkeypatch):
 @needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("dim", [128, 24])
-def test_rescore_is_the_float32_cosine_and_ties_duplicates_exactly(dtype, dim):
+def test_rescore_topk_is_the_float32_top_k_with_ties_to_the_recent(dtype, dim):
     gen = torch.Generator().manual_seed(dim)
     table = torch.randn(60, dim, generator=gen)
     table = (table * 40).to(torch.int8) if dtype == torch.int8 else table.to(dtype)
-    table[0] = 0
+    table[[0, 9]] = 0  # id 0 and a zero row: never eligible
     rows = table.double()
     norms = rows.norm(dim=1)
     inv_norm = torch.where(norms > 0, 1 / norms, 0).float()
     unit_cands = torch.nn.functional.normalize(torch.randn(2, 3, dim, generator=gen), dim=-1)
-    ids = torch.randint(0, 60, (2, 3, 40), generator=gen)
-    ids[..., 5] = ids[..., 6] = 17  # the same item twice
-    exact = native.rescore(table, inv_norm, unit_cands, ids, threads=2)
-    expected = (unit_cands.double().unsqueeze(2) * rows[ids]).sum(-1) * inv_norm.double()[ids]
-    torch.testing.assert_close(exact.double(), expected, atol=2e-6, rtol=0)
-    assert torch.equal(exact[..., 5], exact[..., 6])
+    history = torch.randint(0, 60, (2, 90), generator=gen)
+    history[:, 20] = history[:, 70] = 17  # the same item twice: the later copy ranks first
+    lengths = torch.tensor([90, 50])
+    positions = torch.stack([torch.randperm(90, generator=gen)[:40] for _ in range(6)]).view(2, 3, 40)
+    positions[..., :2] = torch.tensor([20, 70])
+    positions[..., 39] = -1  # an unused slot
+    k = 12
+    scores, top, eligible = native.rescore_topk(table, inv_norm, unit_cands, history, lengths, positions, k, threads=2)
+    for b in range(2):
+        for c in range(3):
+            pos = [p for p in positions[b, c].tolist() if 0 <= p < int(lengths[b]) and inv_norm[history[b, p]] > 0]
+            assert int(eligible[b, c]) == len(pos)
+            exact = {p: float(unit_cands[b, c].double() @ rows[history[b, p]] * inv_norm.double()[history[b, p]]) for p in pos}
+            expected = sorted(pos, key=lambda p: (exact[p], p), reverse=True)[:k]
+            got = top[b, c][top[b, c] >= 0].tolist()
+            assert len(got) == min(k, len(pos))
+            # Positions may swap only where float32 rounding makes cosines equal.
+            torch.testing.assert_close(scores[b, c, : len(got)].double(), torch.tensor([exact[p] for p in expected]).double(), atol=2e-6, rtol=0)
+            assert (scores[b, c, : len(got)].diff() <= 0).all()
+            assert (scores[b, c, len(got):] == float("-inf")).all() and (top[b, c, len(got):] == -1).all()
+            if 70 < int(lengths[b]) and history[b, 70] != 0 and 20 in got:
+                assert got.index(70) < got.index(20)  # equal scores: the more recent first
