@@ -58,15 +58,35 @@ def unavailable_reason() -> str | None:
     return _STATE["reason"]  # type: ignore[return-value]
 
 
+# CPU features the library is compiled for: checked before it is even loaded, since the compiler
+# may use AVX-512 anywhere in it.
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "amx_tile", "amx_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    """The `flags` of /proc/cpuinfo (empty where there is none: not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def _load():
     if os.environ.get("MUSE_NATIVE_KERNELS", "1") == "0":
         return None, "disabled by MUSE_NATIVE_KERNELS=0"
+    missing = [flag for flag in _REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return None, f"this CPU does not offer {', '.join(missing)}"
     try:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"could not build {_SOURCE.name}: {error}"
     if not library.muse_amx_available():
-        return None, "this CPU or OS does not offer AMX-BF16"
+        return None, "the OS does not grant this process the AMX state"
     fn = library.muse_screen_topk_amx
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,

@@ -81,10 +81,18 @@ def test_ties_at_the_cut_respect_the_bound(monkeypatch):
 
 def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
     monkeypatch.setenv("MUSE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native._REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "false")
     fn, reason = native._load()
     assert fn is None and "could not build screen_amx.c" in reason and "false exited" in reason
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+def test_a_cpu_without_amx_is_told_apart_before_anything_is_built(monkeypatch, tmp_path):
+    monkeypatch.setenv("MUSE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "f16c"})
+    assert native._load() == (None, "this CPU does not offer amx_tile, amx_bf16")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_environment_can_switch_native_kernels_off(monkeypatch):
