@@ -451,16 +451,13 @@ class _Screener:
         table = self.table
         absolute, relative = self.bound
         if self.fused:
-            _, positions, bound, n_valid = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
-            scores, top_positions, n_eligible = native.rescore_topk(
-                table, self.prep.inv_norm, unit_cands, history, lengths, positions, k
-            )
+            screened, positions, bound, n_valid = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
             # Complete when every eligible behaviour survived, or when whatever was left out
             # (screened at most `bound`, so exactly at most bound + eps(bound)) scores below the
             # k-th exact survivor: the true k-th score is at least that (module docstring).
-            reach = torch.where(bound > float("-inf"), bound + absolute + relative * bound.abs(), bound)
-            complete = (n_eligible == n_valid.unsqueeze(1)) | (reach < scores[..., k - 1])
-            return scores, top_positions, complete
+            return native.rescore_topk(
+                table, self.prep.inv_norm, unit_cands, history, lengths, screened, positions, bound, n_valid, k, self.bound
+            )
 
         approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
         kept = approx.shape[-1]

@@ -98,8 +98,9 @@ def _load():
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int64,
                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["rescore"] = rescore
     return fn, None
@@ -186,10 +187,10 @@ def screen_topk(
 
 
 def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """float32 [B, C, D] -> (bf16 [B, C', D'] zero padded, C'): C' rounds C up to 32, D' rounds D
-    up to 32 (the tile products take candidates 32 at a time and dims 32 at a time)."""
+    """float32 [B, C, D] -> (bf16 [B, C', D'] zero padded, C'): C' rounds C up to 16, D' rounds D
+    up to 32 (the tile products take candidates 16 at a time and dims 32 at a time)."""
     n_users, n_cands, dim = unit_cands.shape
-    dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 32) * 32
+    dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 16) * 16
     padded = torch.zeros(n_users, cand_pad, dim_pad, dtype=torch.bfloat16)
     padded[:, :n_cands, :dim] = unit_cands
     return padded, cand_pad
@@ -204,37 +205,48 @@ def rescore_topk(
     unit_cands: torch.Tensor,
     history: torch.Tensor,
     lengths: torch.Tensor,
+    screened: torch.Tensor,
     positions: torch.Tensor,
+    bound: torch.Tensor,
+    n_valid: torch.Tensor,
     k: int,
+    error: tuple[float, float],
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact top-k of each (user, candidate) among its screened survivors.
+    """Exact top-k of each (user, candidate) among its screened survivors, and whether it is proven.
 
     Args: table [N+1, D] (float32 / float16 / bfloat16 / int8, as stored); inv_norm float32 [N+1]
     (1 / row norm, 0 for zero rows); unit_cands float32 [B, C, D]; history [B, L]; lengths [B];
-    positions int64 [B, C, m] (history positions, -1 = unused).
+    screened float32 [B, C, m] and positions int64 [same] (history positions, -1 = unused): the
+    survivors and their screened scores, each within error = (absolute, relative) of its exact
+    cosine (eps(a) = absolute + relative * |a|); bound float32 [B, C]: every eligible behaviour left
+    out screened at most this (-inf: none was); n_valid int64 [B]: eligible behaviours per user.
     Returns scores float32 [B, C, k] descending (ties toward the larger position; -inf past the
-    eligible survivors), positions int64 [B, C, k] (-1 there), eligible int64 [B, C]: survivors
-    inside the length with a non-zero id and row. Scores are <candidate, row> * inv_norm[id] with
-    every row summed in one fixed order (copies of an item tie exactly).
+    eligible survivors), positions int64 [B, C, k] (-1 there), proven bool [B, C]: the result is
+    the exact top-k of the whole history (every eligible behaviour survived, or what was left out
+    falls below the k-th exact score even with its error). Scores are <candidate, row> *
+    inv_norm[id] with every row summed in one fixed order (copies of an item tie exactly); only
+    survivors that can still enter the top-k are scored (see muse_rescore_topk).
     Raises RuntimeError when `available()` is False.
     """
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     table, inv_norm = table.contiguous(), inv_norm.contiguous()
     unit_cands, positions = unit_cands.float().contiguous(), positions.to(torch.int64).contiguous()
-    history, lengths = history.to(torch.int64), lengths.to(torch.int64).contiguous()
+    screened, bound = screened.float().contiguous(), bound.float().contiguous()
+    history, lengths, n_valid = history.to(torch.int64), lengths.to(torch.int64).contiguous(), n_valid.to(torch.int64).contiguous()
     if history.stride(1) != 1:
         history = history.contiguous()
     n_users, n_cands, m = positions.shape
     scores = torch.empty(n_users, n_cands, k)
     top_positions = torch.empty(n_users, n_cands, k, dtype=torch.int64)
-    eligible = torch.empty(n_users, n_cands, dtype=torch.int64)
+    proven = torch.empty(n_users, n_cands, dtype=torch.bool)
     status = _STATE["rescore"](
         table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
-        history.data_ptr(), history.stride(0), lengths.data_ptr(), positions.data_ptr(), n_users, n_cands, m, k,
-        threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), eligible.data_ptr(),
+        history.data_ptr(), history.stride(0), lengths.data_ptr(), screened.data_ptr(), positions.data_ptr(),
+        bound.data_ptr(), n_valid.data_ptr(), n_users, n_cands, m, k, error[0], error[1],
+        threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), proven.data_ptr(),
     )
     if status != 0:
         raise MemoryError("rescore_topk: could not allocate its per-thread buffers")
-    return scores, top_positions, eligible
+    return scores, top_positions, proven

@@ -118,19 +118,58 @@ def test_rescore_topk_is_the_float32_top_k_with_ties_to_the_recent(dtype, dim):
     positions = torch.stack([torch.randperm(90, generator=gen)[:40] for _ in range(6)]).view(2, 3, 40)
     positions[..., :2] = torch.tensor([20, 70])
     positions[..., 39] = -1  # an unused slot
+    exact = torch.einsum("bcd,bcmd->bcm", unit_cands.double(), rows[history.gather(1, positions.clamp_min(0).flatten(1)).view(2, 3, 40)])
+    exact *= inv_norm.double()[history.gather(1, positions.clamp_min(0).flatten(1)).view(2, 3, 40)]
+    # Screened scores off by up to the stated error: the k best by screened score are not the
+    # k best exactly, so the second round must find the rest.
+    error = (0.05, 0.01)
+    noise = (torch.rand(2, 3, 40, generator=gen, dtype=torch.float64) * 2 - 1) * 0.99
+    screened = (exact + noise * (error[0] + error[1] * exact.abs())).float()
+    screened[..., 39] = float("-inf")
     k = 12
-    scores, top, eligible = native.rescore_topk(table, inv_norm, unit_cands, history, lengths, positions, k, threads=2)
+    eligible = [[[p for p in positions[b, c].tolist() if 0 <= p < int(lengths[b]) and inv_norm[history[b, p]] > 0]
+                 for c in range(3)] for b in range(2)]
+    n_eligible = torch.tensor([[len(eligible[b][c]) for c in range(3)] for b in range(2)])
+    nothing_left_out = torch.full((2, 3), float("-inf"))
+    # n_valid: one more eligible behaviour than survived for user 0, exactly the survivors for user 1
+    n_valid = torch.stack([n_eligible[0].max() + 1, n_eligible[1].max()])
+    scores, top, proven = native.rescore_topk(
+        table, inv_norm, unit_cands, history, lengths, screened, positions, nothing_left_out, n_valid, k, error, threads=2
+    )
     for b in range(2):
         for c in range(3):
-            pos = [p for p in positions[b, c].tolist() if 0 <= p < int(lengths[b]) and inv_norm[history[b, p]] > 0]
-            assert int(eligible[b, c]) == len(pos)
-            exact = {p: float(unit_cands[b, c].double() @ rows[history[b, p]] * inv_norm.double()[history[b, p]]) for p in pos}
-            expected = sorted(pos, key=lambda p: (exact[p], p), reverse=True)[:k]
+            pos = eligible[b][c]
+            value = {p: float(unit_cands[b, c].double() @ rows[history[b, p]] * inv_norm.double()[history[b, p]]) for p in pos}
+            expected = sorted(pos, key=lambda p: (value[p], p), reverse=True)[:k]
             got = top[b, c][top[b, c] >= 0].tolist()
             assert len(got) == min(k, len(pos))
             # Positions may swap only where float32 rounding makes cosines equal.
-            torch.testing.assert_close(scores[b, c, : len(got)].double(), torch.tensor([exact[p] for p in expected]).double(), atol=2e-6, rtol=0)
+            torch.testing.assert_close(scores[b, c, : len(got)].double(), torch.tensor([value[p] for p in expected]).double(), atol=2e-6, rtol=0)
             assert (scores[b, c, : len(got)].diff() <= 0).all()
             assert (scores[b, c, len(got):] == float("-inf")).all() and (top[b, c, len(got):] == -1).all()
             if 70 < int(lengths[b]) and history[b, 70] != 0 and 20 in got:
                 assert got.index(70) < got.index(20)  # equal scores: the more recent first
+            # Nothing was left out of the screen, so the result is proven exactly where the
+            # survivors are all the eligible behaviours, or the k-th score beats -inf.
+            assert bool(proven[b, c]) == (len(pos) == int(n_valid[b]) or len(pos) >= k)
+
+
+@needs_amx
+def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_the_kth():
+    gen = torch.Generator().manual_seed(3)
+    table = torch.nn.functional.normalize(torch.randn(200, 32, generator=gen), dim=1)
+    inv_norm = 1 / table.norm(dim=1)
+    unit_cands = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=gen), dim=-1)
+    history = torch.arange(1, 200).unsqueeze(0)
+    positions = torch.stack([torch.randperm(199, generator=gen)[:30] for _ in range(2)]).unsqueeze(0)
+    screened = torch.einsum("bcd,bcmd->bcm", unit_cands, table[history[0, positions[0]]].unsqueeze(0))
+    error, k = (1e-3, 0.0), 5
+    scores, _, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
+                                       torch.full((1, 2), -1.0), torch.tensor([199]), k, error)
+    kth = scores[0, :, k - 1]
+    # Candidate 0: left out at most kth - 2e-3, below the k-th even with its error; candidate 1:
+    # left out at most kth - 0.5e-3, which could reach it.
+    bound = torch.stack([kth[0] - 2e-3, kth[1] - 0.5e-3]).unsqueeze(0)
+    _, _, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
+                                       bound, torch.tensor([199]), k, error)
+    assert proven[0].tolist() == [True, False]
