@@ -451,12 +451,12 @@ class _Screener:
         table = self.table
         absolute, relative = self.bound
         if self.fused:
-            screened, positions, bound, n_valid = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
-            # Complete when every eligible behaviour survived, or when whatever was left out
-            # (screened at most `bound`, so exactly at most bound + eps(bound)) scores below the
-            # k-th exact survivor: the true k-th score is at least that (module docstring).
+            screened, positions, bound, _ = native.screen_topk(self.prep.screen, unit_cands, history, lengths, keep)
+            # Complete when nothing eligible was left out, or when whatever was (screened at most
+            # `bound`, so exactly at most bound + eps(bound)) scores below the k-th exact
+            # survivor: the true k-th score is at least that (module docstring).
             return native.rescore_topk(
-                table, self.prep.inv_norm, unit_cands, history, lengths, screened, positions, bound, n_valid, k, self.bound
+                table, self.prep.inv_norm, unit_cands, history, lengths, screened, positions, bound, k, self.bound
             )
 
         approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)

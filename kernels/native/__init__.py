@@ -99,7 +99,7 @@ def _load():
     rescore.restype = ctypes.c_int
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                         ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int64,
                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["rescore"] = rescore
@@ -208,7 +208,6 @@ def rescore_topk(
     screened: torch.Tensor,
     positions: torch.Tensor,
     bound: torch.Tensor,
-    n_valid: torch.Tensor,
     k: int,
     error: tuple[float, float],
     threads: int | None = None,
@@ -220,11 +219,11 @@ def rescore_topk(
     screened float32 [B, C, m] and positions int64 [same] (history positions, -1 = unused): the
     survivors and their screened scores, each within error = (absolute, relative) of its exact
     cosine (eps(a) = absolute + relative * |a|); bound float32 [B, C]: every eligible behaviour left
-    out screened at most this (-inf: none was); n_valid int64 [B]: eligible behaviours per user.
+    out screened at most this (-inf: none was).
     Returns scores float32 [B, C, k] descending (ties toward the larger position; -inf past the
     eligible survivors), positions int64 [B, C, k] (-1 there), proven bool [B, C]: the result is
-    the exact top-k of the whole history (every eligible behaviour survived, or what was left out
-    falls below the k-th exact score even with its error). Scores are <candidate, row> *
+    the exact top-k of the whole history (nothing eligible was left out, or what was falls below
+    the k-th exact score even with its error). Scores are <candidate, row> *
     inv_norm[id] with every row summed in one fixed order (copies of an item tie exactly); only
     survivors that can still enter the top-k are scored (see muse_rescore_topk).
     Raises RuntimeError when `available()` is False.
@@ -234,7 +233,7 @@ def rescore_topk(
     table, inv_norm = table.contiguous(), inv_norm.contiguous()
     unit_cands, positions = unit_cands.float().contiguous(), positions.to(torch.int64).contiguous()
     screened, bound = screened.float().contiguous(), bound.float().contiguous()
-    history, lengths, n_valid = history.to(torch.int64), lengths.to(torch.int64).contiguous(), n_valid.to(torch.int64).contiguous()
+    history, lengths = history.to(torch.int64), lengths.to(torch.int64).contiguous()
     if history.stride(1) != 1:
         history = history.contiguous()
     n_users, n_cands, m = positions.shape
@@ -244,7 +243,7 @@ def rescore_topk(
     status = _STATE["rescore"](
         table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
         history.data_ptr(), history.stride(0), lengths.data_ptr(), screened.data_ptr(), positions.data_ptr(),
-        bound.data_ptr(), n_valid.data_ptr(), n_users, n_cands, m, k, error[0], error[1],
+        bound.data_ptr(), n_users, n_cands, m, k, error[0], error[1],
         threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), proven.data_ptr(),
     )
     if status != 0:

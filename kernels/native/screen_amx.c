@@ -596,19 +596,30 @@ static inline void insert_top(int64_t *top, int64_t *count, int64_t k, int64_t k
     top[at] = key;
 }
 
-/* The survivors of one (user, candidate) pair that the exact re-scoring will read: those whose
- * screened score reaches `from` (a float), with their ids; returns how many. Survivors outside
- * the length or with id 0 are left out here; rows with a zero norm are left out when scored. */
-static int64_t rows_to_score(const float *screened, const int64_t *pos, int64_t m, int64_t length, const int64_t *ids,
-                             int64_t *out_ids, double from, double eps_abs, double eps_rel) {
+/* The survivors of one (user, candidate) pair, ready for the exact re-scoring: those inside the
+ * user's length with a non-zero id, their screened scores, positions and ids, and the key of a
+ * cut above which at least k of them lie (INT32_MIN when they are k or fewer). */
+typedef struct {
+    float *screened;
+    int32_t *position;
+    int64_t *id;
+    int64_t n;
+    int32_t cut;
+} Survivors;
+
+static void list_survivors(Survivors *list, const float *screened, const int64_t *pos, int64_t m, int64_t length,
+                           const int64_t *ids, int64_t k) {
     int64_t n = 0;
     for (int64_t j = 0; j < m; j++) {
         const int64_t p = pos[j];
         if (p < 0 || p >= length || ids[p] == 0) continue;
-        const double a = screened[j];
-        if (a + eps_abs + eps_rel * fabs(a) >= from) out_ids[n++] = ids[p];
+        list->screened[n] = screened[j];
+        list->position[n] = (int32_t)p;
+        list->id[n] = ids[p];
+        n++;
     }
-    return n;
+    list->n = n;
+    list->cut = n > k ? find_cut(list->screened, n, k, 0) : INT32_MIN;
 }
 
 /* Exact top-k of each (user, candidate) among its survivors, re-scoring only those that can be in it.
@@ -616,8 +627,8 @@ static int64_t rows_to_score(const float *screened, const int64_t *pos, int64_t 
  * positions [n_users, n_cands, m] (-1 = unused) index the users' histories [n_users, hist_stride],
  * with their screened scores `screened` [same] (within eps(a) = eps_abs + eps_rel * |a| of the
  * exact cosine); bound [n_users, n_cands]: every eligible behaviour left out of the survivors
- * screened at most this (-inf: none was); n_valid [n_users]: eligible behaviours per user.
- * A survivor is eligible when inside the user's length, its id is not 0 and its row is not zero.
+ * screened at most this (-inf: none was). A survivor is eligible when inside the user's length,
+ * its id is not 0 and its row is not zero.
  *
  * In two rounds: the k best survivors by screened score are scored exactly (`exact_score`, the
  * table's own values as float32) and their k-th exact score is a lower bound of the final k-th;
@@ -629,13 +640,14 @@ static int64_t rows_to_score(const float *screened, const int64_t *pos, int64_t 
  *
  * Outputs: scores float [n_users, n_cands, k] descending and positions int64 [same] (-inf / -1
  * past the eligible ones); proven int8 [n_users, n_cands]: 1 where the result is provably the
- * exact top-k of the whole history (every eligible behaviour survived, or whatever was left out,
- * at most bound + eps(bound) exactly, falls below the k-th exact score). The rows the next pair
- * will read are prefetched while this one is scored. */
+ * exact top-k of the whole history (nothing eligible was left out, or whatever was, at most
+ * bound + eps(bound) exactly, falls below the k-th exact score). Each pair's survivors are listed
+ * a pair ahead, and the rows it will likely read (screened within twice the error of its k-th)
+ * prefetched while the pair before is scored. */
 int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
                       const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
-                      const int64_t *positions, const float *bound, const int64_t *n_valid, int64_t n_users,
-                      int64_t n_cands, int64_t m, int64_t k, double eps_abs, double eps_rel, int64_t n_threads,
+                      const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
+                      int64_t k, double eps_abs, double eps_rel, int64_t n_threads,
                       float *out_scores, int64_t *out_positions, int8_t *out_proven) {
     const int64_t pairs = n_users * n_cands;
     const int64_t row_bytes = dim * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
@@ -643,60 +655,60 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
 #pragma omp parallel num_threads((int)n_threads)
     {
         int64_t *top = malloc((size_t)k * sizeof(int64_t));
-        int64_t *ahead = malloc((size_t)m * sizeof(int64_t));
-        int64_t cut_for = -1;
-        int32_t next_cut = INT32_MIN;
-        if (!top || !ahead) {
+        float *floats = malloc((size_t)2 * m * sizeof(float));
+        int32_t *ints = malloc((size_t)2 * m * sizeof(int32_t));
+        int64_t *ids = malloc((size_t)2 * m * sizeof(int64_t));
+        if (!top || !floats || !ints || !ids) {
             __atomic_store_n(&status, -1, __ATOMIC_RELAXED);
         } else {
+            Survivors lists[2] = {{floats, ints, ids, 0, 0}, {floats + m, ints + m, ids + m, 0, 0}};
+            int64_t listed = -1;  /* the pair whose survivors lists[listed & 1] holds */
 #pragma omp for schedule(static)
             for (int64_t bc = 0; bc < pairs; bc++) {
-                const int64_t user = bc / n_cands, length = lengths[user];
-                const int64_t *ids = history + user * hist_stride;
-                const int64_t *pos = positions + bc * m;
-                const float *a = screened + bc * m;
-                const float *cand = cands + bc * dim;
-                /* the cut of the k best screened scores, found for this pair a pair ahead */
-                const int32_t cut = cut_for == bc ? next_cut : m > k ? find_cut(a, m, k, 0) : INT32_MIN;
-                /* the next pair's likely rows: screened at least its k-th less twice the error */
-                int64_t n_ahead = 0, next_ahead = 0;
+                const int64_t user = bc / n_cands;
+                if (listed != bc)
+                    list_survivors(&lists[bc & 1], screened + bc * m, positions + bc * m, m, lengths[user],
+                                   history + user * hist_stride, k);
+                const Survivors *list = &lists[bc & 1];
+                /* list the next pair now: its rows are prefetched, one per survivor visited here */
+                Survivors *next = &lists[(bc + 1) & 1];
+                double next_from = INFINITY;
+                int64_t next_at = 0;
                 if (bc + 1 < pairs) {
                     const int64_t next_user = (bc + 1) / n_cands;
-                    const float *next_a = screened + (bc + 1) * m;
-                    next_cut = m > k ? find_cut(next_a, m, k, 0) : INT32_MIN;
-                    cut_for = bc + 1;
-                    const double kth = key_value(next_cut);
-                    n_ahead = rows_to_score(next_a, positions + (bc + 1) * m, m, lengths[next_user],
-                                            history + next_user * hist_stride, ahead, kth - eps_abs - eps_rel * fabs(kth),
-                                            eps_abs, eps_rel);
+                    list_survivors(next, screened + (bc + 1) * m, positions + (bc + 1) * m, m, lengths[next_user],
+                                   history + next_user * hist_stride, k);
+                    const double kth = key_value(next->cut);
+                    next_from = kth - 2 * (eps_abs + eps_rel * fabs(kth));
+                    listed = bc + 1;
                 }
-                int64_t count = 0, eligible = 0;
-                double floor = -INFINITY;  /* lower bound of the final k-th score, once round 1 is done */
+                const float *cand = cands + bc * dim;
+                int64_t count = 0;
+                double floor = -INFINITY;  /* lower bound of the final k-th score, once round 0 is done */
                 for (int round = 0; round < 2; round++) {
-                    for (int64_t j = 0; j < m; j++) {
-                        const int64_t p = pos[j];
-                        if (p < 0 || p >= length || ids[p] == 0) continue;
-                        const int first = order_key(a[j]) >= cut;
-                        if (round == 0 ? !first : first) continue;
-                        const int64_t id = ids[p];
-                        if (next_ahead < n_ahead) {
-                            const char *row = (const char *)table + ahead[next_ahead] * row_bytes;
+                    for (int64_t j = 0; j < list->n; j++) {
+                        for (; next_at < next->n && next_from < INFINITY; next_at++) {
+                            if (next->screened[next_at] < next_from) continue;
+                            const char *row = (const char *)table + next->id[next_at] * row_bytes;
                             for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
-                            _mm_prefetch((const char *)(inv_norm + ahead[next_ahead]), _MM_HINT_T0);
-                            next_ahead++;
+                            _mm_prefetch((const char *)(inv_norm + next->id[next_at]), _MM_HINT_T0);
+                            next_at++;
+                            break;
                         }
+                        const float a = list->screened[j];
+                        const int first = order_key(a) >= list->cut;
+                        if (round == 0 ? !first : first) continue;
+                        if (round == 1 && (double)a + eps_abs + eps_rel * fabs((double)a) < floor) continue;
+                        const int64_t id = list->id[j];
                         if (!(inv_norm[id] > 0)) continue;
-                        eligible++;
-                        if (round == 1 && (double)a[j] + eps_abs + eps_rel * fabs((double)a[j]) < floor) continue;
                         const float score = exact_score(table, (int)dtype, dim, inv_norm, cand, id);
-                        insert_top(top, &count, k, (int64_t)order_key(score) * 4294967296LL + p);
+                        insert_top(top, &count, k, (int64_t)order_key(score) * 4294967296LL + list->position[j]);
                     }
                     if (round == 0 && count == k) floor = key_value((int32_t)(top[k - 1] >> 32));
                 }
                 const float kth = count == k ? key_value((int32_t)(top[k - 1] >> 32)) : -INFINITY;
                 const double b = bound[bc];
-                const double reach = b > -INFINITY ? b + eps_abs + eps_rel * fabs(b) : b;
-                out_proven[bc] = eligible == n_valid[user] || reach < (double)kth;
+                out_proven[bc] = b == -INFINITY || b + eps_abs + eps_rel * fabs(b) < (double)kth;
                 for (int64_t j = 0; j < k; j++) {
                     out_scores[bc * k + j] = j < count ? key_value((int32_t)(top[j] >> 32)) : -INFINITY;
                     out_positions[bc * k + j] = j < count ? (top[j] & 0xFFFFFFFFLL) : -1;
@@ -704,7 +716,9 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
             }
         }
         free(top);
-        free(ahead);
+        free(floats);
+        free(ints);
+        free(ids);
     }
     return status;
 }

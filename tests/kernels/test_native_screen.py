@@ -129,13 +129,11 @@ def test_rescore_topk_is_the_float32_top_k_with_ties_to_the_recent(dtype, dim):
     k = 12
     eligible = [[[p for p in positions[b, c].tolist() if 0 <= p < int(lengths[b]) and inv_norm[history[b, p]] > 0]
                  for c in range(3)] for b in range(2)]
-    n_eligible = torch.tensor([[len(eligible[b][c]) for c in range(3)] for b in range(2)])
     nothing_left_out = torch.full((2, 3), float("-inf"))
-    # n_valid: one more eligible behaviour than survived for user 0, exactly the survivors for user 1
-    n_valid = torch.stack([n_eligible[0].max() + 1, n_eligible[1].max()])
     scores, top, proven = native.rescore_topk(
-        table, inv_norm, unit_cands, history, lengths, screened, positions, nothing_left_out, n_valid, k, error, threads=2
+        table, inv_norm, unit_cands, history, lengths, screened, positions, nothing_left_out, k, error, threads=2
     )
+    assert proven.all()  # nothing was left out of the screen
     for b in range(2):
         for c in range(3):
             pos = eligible[b][c]
@@ -149,9 +147,6 @@ def test_rescore_topk_is_the_float32_top_k_with_ties_to_the_recent(dtype, dim):
             assert (scores[b, c, len(got):] == float("-inf")).all() and (top[b, c, len(got):] == -1).all()
             if 70 < int(lengths[b]) and history[b, 70] != 0 and 20 in got:
                 assert got.index(70) < got.index(20)  # equal scores: the more recent first
-            # Nothing was left out of the screen, so the result is proven exactly where the
-            # survivors are all the eligible behaviours, or the k-th score beats -inf.
-            assert bool(proven[b, c]) == (len(pos) == int(n_valid[b]) or len(pos) >= k)
 
 
 @needs_amx
@@ -165,11 +160,11 @@ def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_th
     screened = torch.einsum("bcd,bcmd->bcm", unit_cands, table[history[0, positions[0]]].unsqueeze(0))
     error, k = (1e-3, 0.0), 5
     scores, _, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
-                                       torch.full((1, 2), -1.0), torch.tensor([199]), k, error)
+                                       torch.full((1, 2), -1.0), k, error)
     kth = scores[0, :, k - 1]
     # Candidate 0: left out at most kth - 2e-3, below the k-th even with its error; candidate 1:
     # left out at most kth - 0.5e-3, which could reach it.
     bound = torch.stack([kth[0] - 2e-3, kth[1] - 0.5e-3]).unsqueeze(0)
     _, _, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
-                                       bound, torch.tensor([199]), k, error)
+                                       bound, k, error)
     assert proven[0].tolist() == [True, False]
