@@ -118,8 +118,10 @@ def _check(
     for name, ids in (("candidates", candidates), ("history", history)):
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"cosine_topk: `{name}` must hold int64 item ids, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+        if not ids.numel():
+            continue
+        low, high = (int(v) for v in torch.aminmax(ids))  # one pass over a history of 100K ids
+        if low < 0 or high >= table.shape[0]:
             raise ValueError(
-                f"cosine_topk: `{name}` holds ids outside the table [0, {table.shape[0] - 1}]: "
-                f"min {int(ids.min())}, max {int(ids.max())}"
+                f"cosine_topk: `{name}` holds ids outside the table [0, {table.shape[0] - 1}]: min {low}, max {high}"
             )

@@ -277,9 +277,9 @@ static uint32_t gather_group(const Job *job, const int64_t *ids, int64_t first, 
  * c_begin + t * 16 + 0..15 (tile rows) x group rows first + b * 16 + 0..15 (lanes).
  * Two passes: one compare per candidate (of the larger of its two row blocks) marks those with a
  * hit in a register, without a branch or a store; then the marked ones (few, once thresholds
- * have settled) are compared again in full and their hits appended. A branch per candidate was
- * mispredicted on most hits, ~20 cycles each time, and the loads and stores of a first pass
- * that kept its masks do not overlap the tile products (they share the load and store ports). */
+ * have settled) are compared again in full and their hits appended. A branch per candidate on
+ * "any hit" was mispredicted on most hits (a candidate's hits thin out along the history, so
+ * the branch is taken at no steady rate), ~20 cycles each time. */
 static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint32_t valid, int64_t first,
                         int64_t c_begin, int64_t c_end) {
     const int64_t keep = job->keep, capacity = job->capacity;
@@ -429,6 +429,21 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     job->item_valid[item] = n_valid;
 }
 
+/* Every tile register of this thread as 16 rows of 64 bytes. */
+static void configure_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof(config));
+    config.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+    }
+    /* GCC 12 does not see the intrinsic read the row widths and drops their stores once this is
+     * inlined into some callers (a zero width is an invalid configuration: SIGSEGV) */
+    __asm__ volatile("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+}
+
 static void *worker(void *arg) {
     Job *job = (Job *)arg;
     const int64_t n_cands = job->n_cands, capacity = job->capacity;
@@ -443,14 +458,7 @@ static void *worker(void *arg) {
     if (!ws.rows || !ws.tiles || !ws.threshold || !ws.scores || !ws.positions || !ws.count) {
         __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
     } else {
-        TileConfig config;
-        memset(&config, 0, sizeof(config));
-        config.palette_id = 1;
-        for (int t = 0; t < 8; t++) {
-            config.rows[t] = 16;
-            config.colsb[t] = 64;
-        }
-        _tile_loadconfig(&config);
+        configure_tiles();
         for (;;) {
             int64_t item = __atomic_fetch_add(&job->next_item, 1, __ATOMIC_RELAXED);
             if (item >= job->n_items) break;

@@ -168,3 +168,23 @@ def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_th
     _, _, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
                                        bound, k, error)
     assert proven[0].tolist() == [True, False]
+
+
+@needs_amx
+def test_rescore_topk_never_reads_a_survivor_that_cannot_enter():
+    # Survivor 3 screens far below the others: with its error it cannot reach the k-th exact
+    # score, so its row must not be read. It is poisoned (NaN, which would rank first if scored).
+    table = torch.nn.functional.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(4)), dim=1)
+    table[0] = 0
+    unit_cands = table[1:2].unsqueeze(0).clone()  # candidate = item 1: cosines 1.0 and below
+    inv_norm = torch.ones(6)
+    inv_norm[0] = 0
+    table[4] = float("nan")
+    history = torch.tensor([[1, 2, 3, 4, 5]])
+    positions = torch.tensor([[[0, 1, 2, 3]]])
+    exact = (unit_cands[0, 0] @ table[[1, 2, 3]].T).tolist()
+    screened = torch.tensor([[exact + [-0.9]]])
+    scores, top, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([5]), screened, positions,
+                                              torch.tensor([[-0.95]]), 2, (0.01, 0.0))
+    assert 3 not in top[0, 0].tolist() and torch.isfinite(scores).all()
+    assert top[0, 0, 0] == 0 and bool(proven[0, 0])
