@@ -90,7 +90,7 @@ typedef struct {
 
 typedef struct {
     uint32_t *rows;     /* [2, 2, dim_pad / 32, 16, 16] gathered rows in pair layout, double buffered */
-    float *tiles;       /* [2, 4, 16, 16] scores of a candidate pair, double buffered */
+    float *tiles;       /* [2, 4, 16, 16] scores of one block of (up to) 32 candidates, double buffered */
     float *threshold;   /* [n_cands] */
     float *scores;      /* [n_cands, capacity + SLACK] */
     int32_t *positions; /* [n_cands, capacity + SLACK] */
