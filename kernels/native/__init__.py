@@ -92,8 +92,8 @@ def _load():
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
@@ -139,15 +139,21 @@ def screen_topk(
     history: torch.Tensor,
     lengths: torch.Tensor,
     keep: int,
+    k: int,
+    window: float,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Approximate top-`keep` behaviours per (user, candidate) by bf16 cosine, in one fused pass.
+    """Survivors per (user, candidate) by bf16 cosine, in one fused pass: at most the best `keep`,
+    and none more than `window` below the k-th best.
 
     Args:
         screen: bfloat16 [N+1, D] unit rows of the table (zero rows for ineligible items).
         unit_cands: float32 [B, C, D] unit candidate vectors.
         history: [B, L] item ids (0 = padding); lengths: [B].
-        keep: survivors per (user, candidate).
+        keep: survivors per (user, candidate), at most.
+        k: the top-k the survivors are for; window: a behaviour screened more than this below a
+            candidate's k-th best screened score is dropped (`inf`: never). With window at least
+            twice the screen's error, such a behaviour cannot be in the exact top-k.
         threads: worker threads (default torch.get_num_threads()); a user's history is split into
             pieces of at least MIN_SPLIT_ROWS rows when users are fewer than threads.
 
@@ -178,7 +184,7 @@ def screen_topk(
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
     status = fn(
         screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), history.stride(0), lengths.data_ptr(),
-        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, splits, threads,
+        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, splits, threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
     )
     if status != 0:

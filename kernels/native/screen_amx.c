@@ -4,9 +4,9 @@
  * bf16 copy of the table (prefetched a few groups ahead: they are random 256-byte reads) and
  * transposed into the pair layout of the tile product, scored against every candidate with AMX
  * tile products (fp32 accumulation), and each candidate keeps the behaviours scoring above its
- * running threshold in a small buffer. When a buffer fills it is cut back to its `keep` best and
- * the threshold rises to the `keep`-th score. The [L, C] score matrix never exists: a group's
- * scores live in a few KiB of tiles.
+ * running threshold in a small buffer. When a buffer fills it is cut back to the behaviours within
+ * a window (twice the screen's error) of its k-th best, `keep` at most, and the threshold rises
+ * to the cut. The [L, C] score matrix never exists: a group's scores live in a few KiB of tiles.
  *
  * Scores come out as tiles [16 candidates x 16 rows], so one vector holds a candidate's scores of
  * 16 rows: a single compare against its threshold, and a compress and store append the hits to
@@ -43,7 +43,6 @@
 #define GROUP_ROWS 32      /* two 16-row B tiles */
 #define PREFETCH_GROUPS 3  /* rows are requested this many groups before they are scored */
 #define SLACK 32           /* a buffer takes one group's hits past its cut point */
-#define RESCORE_AHEAD 2    /* survivors' rows are prefetched this many (user, candidate)s ahead */
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette_id;
@@ -75,6 +74,8 @@ typedef struct {
     int64_t n_users;
     const uint16_t *cands;
     int64_t n_cands, cand_pad, keep, capacity;
+    int64_t k;     /* the final top-k: rows far below a candidate's k-th best are dropped */
+    float window;  /* ... when they screen more than this below it (twice the screen's error) */
     /* work items: user and row range; items of one user are contiguous */
     const int64_t *item_user, *item_start, *item_end;
     int64_t n_items;
@@ -95,6 +96,7 @@ typedef struct {
     float *scores;      /* [n_cands, capacity + SLACK] */
     int32_t *positions; /* [n_cands, capacity + SLACK] */
     int64_t *count;     /* [n_cands] */
+    int64_t *limit;     /* [n_cands] a buffer is cut when it holds more than this */
 } Workspace;
 
 /* Order-preserving int32 images of 16 floats (negative floats have their magnitude bits flipped). */
@@ -214,6 +216,43 @@ static float cut_to_best(float *scores, int32_t *positions, int64_t *count_io, i
     return key_value(t);
 }
 
+/* Drops, in place, the entries [0, *n) that score below `floor`; sets *n to those kept. */
+static void drop_below(float *scores, int32_t *positions, int64_t *count_io, float floor) {
+    const int64_t n = *count_io;
+    const __m512 low = _mm512_set1_ps(floor);
+    int64_t out = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = entry_lanes(n, i);
+        __m512 v = _mm512_maskz_loadu_ps(lanes, scores + i);
+        __m512i p = _mm512_maskz_loadu_epi32(lanes, positions + i);
+        __mmask16 take = _mm512_mask_cmp_ps_mask(lanes, v, low, _CMP_GE_OQ);
+        _mm512_mask_compressstoreu_ps(scores + out, take, v);
+        _mm512_mask_compressstoreu_epi32(positions + out, take, p);
+        out += __builtin_popcount(take);
+    }
+    *count_io = out;
+}
+
+/* Shrinks a candidate's buffer [0, *n) and returns its new threshold: every entry dropped scored
+ * at most it. Two cuts, the higher one wins: the best `keep` (+ up to `extra`), and everything
+ * more than the window below the k-th best. The second is the one that binds on most data: an
+ * entry that far below the k-th screened score is, exactly, below the k-th exact score (the
+ * screen's error is at most half the window), so it can never enter the top-k, and the
+ * threshold rises faster than with `keep` alone (about half the hits on random rows). */
+static float tighten(const Job *job, float *scores, int32_t *positions, int64_t *count_io, int64_t extra) {
+    float cut = -INFINITY;
+    if (*count_io > job->keep) cut = cut_to_best(scores, positions, count_io, job->keep, extra);
+    if (*count_io > job->k) {
+        /* find_cut's key has at least k entries at or above it: at most the k-th best */
+        const float floor = key_value(find_cut(scores, *count_io, job->k, 8)) - job->window;
+        if (floor > cut) {
+            drop_below(scores, positions, count_io, floor);
+            cut = floor;
+        }
+    }
+    return cut;
+}
+
 /* Transposes 16 rows of 16 32-bit values in place (r[i][j] -> r[j][i]). */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -282,7 +321,7 @@ static uint32_t gather_group(const Job *job, const int64_t *ids, int64_t first, 
  * the branch is taken at no steady rate), ~20 cycles each time. */
 static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint32_t valid, int64_t first,
                         int64_t c_begin, int64_t c_end) {
-    const int64_t keep = job->keep, capacity = job->capacity;
+    const int64_t capacity = job->capacity;
     const __mmask16 valid0 = (__mmask16)(valid & 0xFFFF), valid1 = (__mmask16)(valid >> 16);
     /* rows of an ineligible lane score as -inf in the max: zero rows score 0, which a threshold below 0 would take */
     const __m512 low = _mm512_set1_ps(-INFINITY);
@@ -312,8 +351,10 @@ static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint3
         _mm512_storeu_ps(cs + n, _mm512_maskz_compress_ps(hit1, v1));
         _mm512_storeu_si512(cp + n, _mm512_maskz_compress_epi32(hit1, at1));
         n += __builtin_popcount(hit1);
-        if (n > capacity) {
-            ws->threshold[c] = cut_to_best(cs, cp, &n, keep, keep / 2);  /* approximate: cheaper */
+        if (n > ws->limit[c]) {
+            ws->threshold[c] = tighten(job, cs, cp, &n, job->keep / 2);  /* approximate keep cut: cheaper */
+            /* the next cut when the buffer has doubled: fewer cuts where the window holds many */
+            ws->limit[c] = 2 * n < 2 * job->k ? 2 * job->k : 2 * n > capacity ? capacity : 2 * n;
         }
         ws->count[c] = n;
     }
@@ -352,8 +393,11 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     int64_t pending_first = 0, pending_unit = 0;
     int64_t slot = 0;
 
-    for (int64_t c = 0; c < n_cands; c++) ws->threshold[c] = -INFINITY;
-    memset(ws->count, 0, (size_t)n_cands * sizeof(int64_t));
+    for (int64_t c = 0; c < n_cands; c++) {
+        ws->threshold[c] = -INFINITY;
+        ws->count[c] = 0;
+        ws->limit[c] = 2 * job->k < capacity ? 2 * job->k : capacity;
+    }
     int64_t fetched = start;  /* rows before this one have been prefetched */
     for (; fetched < start + PREFETCH_GROUPS * GROUP_ROWS && fetched < end; fetched++) prefetch_row(job, ids[fetched]);
 
@@ -417,10 +461,8 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         float *cs = ws->scores + c * (capacity + SLACK);
         int32_t *cp = ws->positions + c * (capacity + SLACK);
         float bound = ws->threshold[c];
-        if (n > keep) {
-            float cut = cut_to_best(cs, cp, &n, keep, 0);
-            bound = cut > bound ? cut : bound;
-        }
+        float cut = tighten(job, cs, cp, &n, 0);
+        bound = cut > bound ? cut : bound;
         memcpy(out_scores + c * keep, cs, (size_t)n * sizeof(float));
         memcpy(out_positions + c * keep, cp, (size_t)n * sizeof(int32_t));
         job->item_count[item * n_cands + c] = n;
@@ -455,7 +497,8 @@ static void *worker(void *arg) {
     ws.scores = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(float));
     ws.positions = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(int32_t));
     ws.count = malloc((size_t)n_cands * sizeof(int64_t));
-    if (!ws.rows || !ws.tiles || !ws.threshold || !ws.scores || !ws.positions || !ws.count) {
+    ws.limit = malloc((size_t)n_cands * sizeof(int64_t));
+    if (!ws.rows || !ws.tiles || !ws.threshold || !ws.scores || !ws.positions || !ws.count || !ws.limit) {
         __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
     } else {
         configure_tiles();
@@ -467,7 +510,7 @@ static void *worker(void *arg) {
         _tile_release();
     }
     free(ws.rows); free(ws.tiles); free(ws.threshold); free(ws.scores);
-    free(ws.positions); free(ws.count);
+    free(ws.positions); free(ws.count); free(ws.limit);
     return NULL;
 }
 
@@ -477,7 +520,7 @@ static void *worker(void *arg) {
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
-                         int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t splits,
+                         int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window, int64_t splits,
                          int64_t n_threads, float *out_scores, int64_t *out_positions,
                          float *out_bound, int64_t *out_valid) {
     Job job;
@@ -485,7 +528,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.screen = screen; job.n_rows = n_rows; job.dim = dim; job.dim_pad = (dim + 31) / 32 * 32;
     job.history = history; job.hist_stride = hist_stride; job.lengths = lengths;
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
-    job.keep = keep; job.capacity = (2 * keep + 15) / 16 * 16;  /* cut when a buffer holds twice `keep` */
+    job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window;
+    job.capacity = (2 * keep + 15) / 16 * 16;  /* cut when a buffer holds twice `keep` */
     if (splits < 1) splits = 1;
     int64_t span = (block_len + splits - 1) / splits;
     span = (span + GROUP_ROWS - 1) / GROUP_ROWS * GROUP_ROWS;
@@ -547,10 +591,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                 float b = job.item_bound[i * n_cands + c];
                 bound = b > bound ? b : bound;
             }
-            if (n > keep) {
-                float cut = cut_to_best(merged, merged_pos, &n, keep, 0);
-                bound = cut > bound ? cut : bound;
-            }
+            float cut = tighten(&job, merged, merged_pos, &n, 0);
+            bound = cut > bound ? cut : bound;
             float *os = out_scores + (u * n_cands + c) * keep;
             int64_t *op = out_positions + (u * n_cands + c) * keep;
             for (int64_t e = 0; e < keep; e++) {

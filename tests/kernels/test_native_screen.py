@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.cpu_topk as cpu_topk
 from kernels import native
 
 needs_amx = pytest.mark.skipif(not native.available(), reason=f"native screen unavailable: {native.unavailable_reason()}")
@@ -17,8 +18,11 @@ def unit_table(n_items: int, dim: int, seed: int) -> torch.Tensor:
     return table.to(torch.bfloat16).contiguous()
 
 
-def check_screen(screen, unit_cands, history, lengths, keep, threads):
-    scores, positions, bound, n_valid = native.screen_topk(screen, unit_cands, history, lengths, keep, threads=threads)
+def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, window=float("inf")):
+    """The screen's contract, checked against float64 products; with a finite window, also that
+    nothing within the window below the k-th best was dropped (unless `keep` was reached)."""
+    k = keep if k is None else k
+    scores, positions, bound, n_valid = native.screen_topk(screen, unit_cands, history, lengths, keep, k, window, threads=threads)
     exact = unit_cands.to(torch.bfloat16).double() @ screen[history].double().transpose(1, 2)  # [B, C, L]
     eligible = (history != 0) & (torch.arange(history.shape[1]) < lengths[:, None]) & screen[history].ne(0).any(-1)
     assert torch.equal(n_valid, eligible.sum(1))
@@ -26,7 +30,12 @@ def check_screen(screen, unit_cands, history, lengths, keep, threads):
         allowed = eligible[b].nonzero().flatten()
         for c in range(unit_cands.shape[1]):
             kept = positions[b, c][positions[b, c] >= 0]
-            assert len(kept) == min(keep, len(allowed))
+            if window == float("inf"):
+                assert len(kept) == min(keep, len(allowed))
+            elif len(kept) < keep and len(allowed) >= k:
+                kth = exact[b, c, allowed].topk(k).values[-1]
+                assert set((exact[b, c] >= kth - window + 1e-5).logical_and(eligible[b]).nonzero().flatten().tolist()) <= set(kept.tolist())
+                assert bound[b, c] <= kth - window + 1e-5
             assert len(set(kept.tolist())) == len(kept)
             assert set(kept.tolist()) <= set(allowed.tolist())
             assert (scores[b, c, len(kept):] == float("-inf")).all() and (positions[b, c, len(kept):] == -1).all()
@@ -77,6 +86,44 @@ def test_ties_at_the_cut_respect_the_bound(monkeypatch):
     unit_cands = torch.nn.functional.normalize(torch.randn(1, 5, 64), dim=-1)
     scores, _, bound = check_screen(screen, unit_cands, history, torch.tensor([1200]), keep=50, threads=3)
     assert (scores[0].amin(-1) == bound[0]).all()  # the cut falls inside the block of the best item
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_window_drops_what_lies_too_far_below_the_kth(threads, monkeypatch):
+    # k = 10 of 3,000 random rows with room for 400: only the window around the 10th best should
+    # stay, far fewer than `keep`; what it drops still respects the bound (check_screen).
+    monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 512)
+    screen = unit_table(5_000, 128, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    history = torch.randint(1, 5_001, (2, 3_000), generator=gen)
+    unit_cands = torch.nn.functional.normalize(torch.randn(2, 20, 128, generator=gen), dim=-1)
+    _, positions, _ = check_screen(screen, unit_cands, history, torch.tensor([3_000, 2_000]), keep=400,
+                                   threads=threads, k=10, window=0.03)
+    kept = (positions >= 0).sum(-1).float()
+    assert kept.max() < 400 and kept.mean() < 100
+
+
+@needs_amx
+def test_fused_screen_scores_stay_within_the_stated_error():
+    # Every screened score against the exact cosine of the original (float16) table, for a table
+    # of random rows and one of heavy-tailed rows (a few large components: larger rounding).
+    gen = torch.Generator().manual_seed(6)
+    for rows in (torch.randn(3_000, 128, generator=gen), torch.randn(3_000, 128, generator=gen).pow(3)):
+        table = torch.cat([torch.zeros(1, 128), rows]).half()
+        prep = cpu_topk._table_prep(table)
+        unit = torch.nn.functional.normalize(table.double(), dim=1)
+        assert prep.screen_error == pytest.approx(float((prep.screen.double() - unit).norm(dim=1).max()), rel=1e-3, abs=1e-6)
+        assert prep.screen_error < 2.0**-8
+        unit_cands = torch.nn.functional.normalize(table[torch.randint(1, 3_001, (1, 40), generator=gen)].float(), dim=-1)
+        history = torch.arange(1, 3_001).unsqueeze(0)
+        scores, positions, _, _ = native.screen_topk(prep.screen, unit_cands, history, torch.tensor([3_000]), 3_000, 3_000, float("inf"))
+        exact = torch.einsum("cd,cmd->cm", unit_cands[0].double(), unit[history[0, positions[0]]])
+        cand_error = float((unit_cands.bfloat16().float() - unit_cands).norm(dim=-1).max())
+        error = cpu_topk.fused_screen_error(128, prep.screen_error, cand_error)
+        worst = float((scores[0].double() - exact).abs().max())
+        assert worst <= error
+        assert error < 0.8 * cpu_topk.screen_error_bound(128)[0]  # tighter than the worst case
 
 
 def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
