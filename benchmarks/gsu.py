@@ -13,6 +13,7 @@ fast path's normalised bf16 copy of the table is reported apart (`table_copy_onc
 
     python benchmarks/gsu.py            # L in {1e3, 1e4, 1e5} x C in {1, 100, 1000}
     python benchmarks/gsu.py --quick    # small run (a minute)
+    python benchmarks/gsu.py --lengths 100000 --candidates 100 --catalogue near-duplicates
 
 Writes the JSON to benchmarks/results/gsu.json (atomically) and prints it, then a table.
 """
@@ -109,9 +110,23 @@ def machine_limits(repeats: int, dim: int) -> dict[str, float]:
     return out
 
 
-def make_inputs(n_items: int, dim: int, dtype: torch.dtype, users: int, length: int, n_cands: int, seed: int):
+# Catalogue shapes: random unit rows (cosines of ~0.3 at the k-th), or items around 50 topic
+# centres, moderately spread (k-th ~0.6) or near duplicates (k-th ~0.93, thousands of behaviours
+# within bf16 rounding of each other: the screen's hardest case).
+CATALOGUES = {"random": None, "clusters": 1.0, "near-duplicates": 0.3}
+
+
+def make_inputs(n_items: int, dim: int, dtype: torch.dtype, users: int, length: int, n_cands: int, seed: int,
+                catalogue: str = "random"):
     gen = torch.Generator().manual_seed(seed)
-    table = torch.nn.functional.normalize(torch.randn(n_items + 1, dim, generator=gen), dim=1)
+    spread = CATALOGUES[catalogue]
+    if spread is None:
+        table = torch.nn.functional.normalize(torch.randn(n_items + 1, dim, generator=gen), dim=1)
+    else:
+        centres = torch.nn.functional.normalize(torch.randn(50, dim, generator=gen), dim=1)
+        topics = torch.randint(0, 50, (n_items + 1,), generator=gen)
+        noise = torch.randn(n_items + 1, dim, generator=gen) * (spread / dim**0.5)
+        table = torch.nn.functional.normalize(centres[topics] + noise, dim=1)
     table[0] = 0
     table = table.to(dtype)
     history = torch.randint(1, n_items + 1, (users, length), generator=gen)
@@ -200,6 +215,8 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default="float16")
+    parser.add_argument("--catalogue", choices=list(CATALOGUES), default="random",
+                        help="item embeddings: random unit rows, or topic clusters (moderate or near-duplicate)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best is kept)")
     parser.add_argument("--behaviours", type=int, default=100_000,
                         help="users per config = max(1, behaviours // L), so every config scans as many behaviours")
@@ -223,7 +240,8 @@ def main() -> int:
         for n_cands in cands_grid:
             users = max(1, args.behaviours // length)
             print(f"L={length:,} C={n_cands:,} B={users}...", flush=True)
-            table, candidates, history, lens = make_inputs(n_items, args.dim, torch.float32, users, length, n_cands, seed=length + n_cands)
+            table, candidates, history, lens = make_inputs(n_items, args.dim, torch.float32, users, length, n_cands,
+                                                         seed=length + n_cands, catalogue=args.catalogue)
             if dtype == torch.int8:
                 table = torch.trunc(table * 127).to(torch.int8)
             else:
@@ -233,7 +251,7 @@ def main() -> int:
 
     result = {
         "benchmark": "gsu.cosine_topk",
-        "settings": {"items": n_items, "dim": args.dim, "k": args.k, "table_dtype": args.dtype,
+        "settings": {"items": n_items, "dim": args.dim, "k": args.k, "table_dtype": args.dtype, "catalogue": args.catalogue,
                      "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__,
                      "screen": "native AMX" if native.available() else f"torch ({native.unavailable_reason()})"},
         "machine_limits": limits,
