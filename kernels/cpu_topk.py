@@ -24,7 +24,9 @@ Two strategies, chosen per block of users (details and measurements in docs/gsu.
      top `keep` items lie in the top `keep` groups, so nothing is lost; candidates whose
      `keep`-th value is not positive (where int16 order is not float order) are not trusted.
   3. Completeness is proven, not hoped for: every approximate score a is within
-     eps(a) = absolute + relative * |a| of the exact one (`screen_error_bound`), so the exact
+     eps(a) = absolute + relative * |a| of the exact one (`measured_screen_error` from the bf16
+     rounding the table's copy and the candidates actually got, or the worst case
+     `screen_error_bound` where rows are normalised per chunk), so the exact
      top-k lies among the survivors when every eligible behaviour survived, or when the lowest
      survivor's score plus its eps is below the k-th eligible survivor's score minus its eps.
      Unproven candidates get one more pass (`_Screener.widen`) that keeps every behaviour whose
@@ -34,9 +36,10 @@ Two strategies, chosen per block of users (details and measurements in docs/gsu.
   Steps 1-2 and the re-scoring run in one fused C kernel where the CPU has AMX
   (`kernels.native`: gather, tile products and a running selection in one pass, ~3x faster);
   it returns, instead of "the lowest survivor", a bound on every score it left out, which the
-  proof of step 3 uses the same way, and an unproven candidate is first screened again with
-  NATIVE_REGROW times more survivors (a pass is cheap there). USE_NATIVE = False forces the
-  torch screen.
+  proof of step 3 uses the same way (with no relative term: its scores are float32 sums), its
+  buffers drop what screens more than twice that error below the running k-th best (it cannot
+  be in the top-k), and an unproven candidate is first screened again with NATIVE_REGROW times
+  more survivors (a pass is cheap there). USE_NATIVE = False forces the torch screen.
 
   Ineligible behaviours (padding, id 0, zero rows) score as zero vectors in the screen and are
   dropped at re-scoring; the proof counts eligible survivors only, so they may take a survivor
@@ -114,23 +117,24 @@ def screen_error_bound(dim: int) -> tuple[float, float]:
     return 1.01 * absolute, 1.01 * u / (1 - u)
 
 
-def fused_screen_error(dim: int, row_error: float, cand_error: float) -> float:
-    """|fused-screen score - exact score| <= this, for every row of a table and these candidates.
+def measured_screen_error(dim: int, row_error: float, cand_error: float, rounded: bool) -> tuple[float, float]:
+    """(absolute, relative) as `screen_error_bound`, from the bf16 rounding actually done.
 
-    The fused native screen multiplies bf16 rows x~ and candidates q~ with float32 accumulation
-    and a float32 result, so unlike `screen_error_bound` it pays no rounding of the result, and
-    instead of the worst case of bf16 rounding (u per vector) it uses the rounding actually done:
-    row_error = max over the table of ||x~ - x|| (measured once per table, `_table_prep`: about
-    0.6 u on random rows) and cand_error = max over the candidates of ||q~ - q||, x and q the
-    float32 unit vectors. With x*, q* the true unit vectors, ||x - x*||, ||q - q*|| <= d = (dim + 2)
-    2**-24, and x~.q~ - x*.q* = (x~ - x*).q~ + x*.(q~ - q*), so the product is off by at most
-    (row_error + d)(1 + cand_error + d) + cand_error + d; the accumulation adds dim 2**-24 (1 + u)^2
-    and the exact float32 re-scoring (dim + 2) 2**-24. A 1% slack covers the rounding of these
-    norms themselves.
+    Instead of the worst case of bf16 rounding (u per vector) it uses row_error = max over the
+    table of ||x~ - x|| (measured once per table with its bf16 copy, `_table_prep`: about 0.6 u
+    on random rows) and cand_error = max over the candidates of ||q~ - q||, x and q the float32
+    unit vectors, x~ and q~ their bf16 roundings. With x*, q* the true unit vectors,
+    ||x - x*||, ||q - q*|| <= d = (dim + 2) 2**-24, and x~.q~ - x*.q* = (x~ - x*).q~ + x*.(q~ - q*),
+    so the product is off by at most (row_error + d)(1 + cand_error + d) + cand_error + d; the
+    float32 accumulation adds dim 2**-24 (1 + u)^2 and the exact float32 re-scoring (dim + 2) 2**-24.
+    `rounded`: the scores are rounded to bf16 (the torch screen), which adds u / (1 - u) *
+    |screened|; the fused native screen returns float32 sums (relative 0). A 1% slack covers the
+    rounding of these norms themselves.
     """
     u, d = 2.0**-8, (dim + 2) * 2.0**-24
     product = (row_error + d) * (1 + cand_error + d) + cand_error + d
-    return 1.01 * (product + dim * 2.0**-24 * (1 + u) ** 2 + d)
+    absolute = 1.01 * (product + dim * 2.0**-24 * (1 + u) ** 2 + d)
+    return absolute, (1.01 * u / (1 - u) if rounded else 0.0)
 
 
 def _unit(rows: torch.Tensor) -> torch.Tensor:
@@ -463,10 +467,20 @@ class _Screener:
     def __init__(self, table: torch.Tensor, prep: _TablePrep | None):
         self.table = table
         self.prep = prep
-        self.bound = screen_error_bound(table.shape[1])
         # The fused native screen reads the normalised bf16 copy; without one (or without AMX)
         # the torch screen below does the same job in separate passes.
         self.fused = prep is not None and prep.screen is not None and USE_NATIVE and native.available()
+
+    def error(self, unit_cands: torch.Tensor, rounded: bool) -> tuple[float, float]:
+        """(absolute, relative) error of screened scores against these candidates [..., D]: measured
+        (`measured_screen_error`) where the rows come from the prepared bf16 copy, else the worst
+        case (`screen_error_bound`: rows normalised per chunk, their rounding not measured).
+        `rounded`: scores rounded to bf16 (torch matmuls), not float32 sums (the fused screen)."""
+        dim = self.table.shape[1]
+        if self.prep is None or self.prep.screen is None or unit_cands.numel() == 0:
+            return screen_error_bound(dim)
+        cand_error = torch.linalg.vector_norm(unit_cands.bfloat16().float() - unit_cands, dim=-1).max()
+        return measured_screen_error(dim, self.prep.screen_error, float(cand_error), rounded)
 
     def select(
         self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int, cols: int
@@ -478,20 +492,18 @@ class _Screener:
         [Bb, C]: True where the result is proven to be the exact top-k.
         """
         table = self.table
-        absolute, relative = self.bound
+        absolute, relative = self.error(unit_cands, rounded=not self.fused)
         if self.fused:
-            cand_error = torch.linalg.vector_norm(unit_cands.bfloat16().float() - unit_cands, dim=-1).max()
-            error = fused_screen_error(table.shape[1], self.prep.screen_error, float(cand_error))
             # A behaviour screened 2 x error below a k-th best screened score is below the k-th
             # exact one; the 1% more keeps the proof's inequality strict.
             screened, positions, bound, _ = native.screen_topk(
-                self.prep.screen, unit_cands, history, lengths, keep, k, 2.02 * error
+                self.prep.screen, unit_cands, history, lengths, keep, k, 2.02 * absolute
             )
             # Complete when nothing eligible was left out, or when whatever was (screened at most
             # `bound`, so exactly at most bound + error) scores below the k-th exact survivor:
             # the true k-th score is at least that (module docstring).
             return native.rescore_topk(
-                table, self.prep.inv_norm, unit_cands, history, lengths, screened, positions, bound, k, (error, 0.0)
+                table, self.prep.inv_norm, unit_cands, history, lengths, screened, positions, bound, k, (absolute, 0.0)
             )
 
         approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
@@ -534,7 +546,7 @@ class _Screener:
         Args: unit_cands [C', D] float32; history [n] (the user's prefix); kth [C'] float32.
         Returns: scores float32 [C', k], positions int64 [C', k] (-inf / -1 beyond the eligible).
         """
-        absolute, relative = self.bound
+        absolute, relative = self.error(unit_cands, rounded=True)
         cands = unit_cands.t().to(torch.bfloat16).contiguous().unsqueeze(0)  # [1, D, C']
         lengths = torch.tensor([history.shape[0]])
         reachable = []  # (position, candidate) pairs

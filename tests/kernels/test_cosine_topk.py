@@ -175,6 +175,25 @@ def near_ties_among_far_rows():
 
 
 @pytest.mark.torch_screen_only
+def test_torch_screen_scores_stay_within_the_measured_error():
+    # bf16-rounded matmul scores of the prepared copy against exact cosines of the float16 table,
+    # for random rows and heavy-tailed rows (a few large components: larger rounding).
+    gen = torch.Generator().manual_seed(9)
+    for rows in (torch.randn(3_000, 128, generator=gen), torch.randn(3_000, 128, generator=gen).pow(3)):
+        table = torch.cat([torch.zeros(1, 128), rows]).half()
+        screener = cpu_topk._Screener(table, cpu_topk._table_prep(table))
+        unit_cands = torch.nn.functional.normalize(table[torch.randint(1, 3_001, (1, 40), generator=gen)].float(), dim=-1)
+        history = torch.arange(1, 3_001).unsqueeze(0)
+        cands = unit_cands.transpose(1, 2).to(torch.bfloat16).contiguous()
+        scores, _ = screener._chunk_scores(cands, history, torch.tensor([3_000]), 0)
+        screened = scores[0].double()  # [3000, 40]
+        exact = torch.nn.functional.normalize(table[1:].double(), dim=1) @ unit_cands[0].double().T
+        absolute, relative = screener.error(unit_cands, rounded=True)
+        assert ((screened - exact).abs() <= absolute + relative * screened.abs()).all()
+        assert absolute < 0.8 * cpu_topk.screen_error_bound(128)[0]  # tighter than the worst case
+
+
+@pytest.mark.torch_screen_only
 def test_widening_keeps_every_behaviour_the_bound_cannot_rule_out(monkeypatch, force_screen):
     # With no margin at all, the k-th exact score found first bounds the rest: the single extra
     # pass must re-score all 60 near-tied rows and none of the 200 far ones.

@@ -120,7 +120,8 @@ def test_fused_screen_scores_stay_within_the_stated_error():
         scores, positions, _, _ = native.screen_topk(prep.screen, unit_cands, history, torch.tensor([3_000]), 3_000, 3_000, float("inf"))
         exact = torch.einsum("cd,cmd->cm", unit_cands[0].double(), unit[history[0, positions[0]]])
         cand_error = float((unit_cands.bfloat16().float() - unit_cands).norm(dim=-1).max())
-        error = cpu_topk.fused_screen_error(128, prep.screen_error, cand_error)
+        error, relative = cpu_topk.measured_screen_error(128, prep.screen_error, cand_error, rounded=False)
+        assert relative == 0.0
         worst = float((scores[0].double() - exact).abs().max())
         assert worst <= error
         assert error < 0.8 * cpu_topk.screen_error_bound(128)[0]  # tighter than the worst case
