@@ -635,15 +635,47 @@ static inline float exact_score(const void *table, int dtype, int64_t dim, const
     return _mm512_reduce_add_ps(sum) * inv_norm[id];
 }
 
-/* Inserts `key` into top[0, *count), kept sorted descending with at most k entries. */
-static inline void insert_top(int64_t *top, int64_t *count, int64_t k, int64_t key) {
-    if (*count == k && key <= top[k - 1]) return;
-    int64_t at = *count < k ? (*count)++ : k - 1;
-    while (at > 0 && top[at - 1] < key) {
-        top[at] = top[at - 1];
-        at--;
+/* The k largest of the distinct keys offered, unordered; `low` is the smallest of them once
+ * there are k (INT64_MIN before), at index `low_at`. Sorting as they come in cost more than the
+ * exact scores themselves: random keys, mispredicted compares. */
+typedef struct {
+    int64_t *keys;
+    int64_t count, k, low, low_at;
+} TopK;
+
+static void find_low(TopK *top) {
+    __m512i low = _mm512_set1_epi64(INT64_MAX);
+    for (int64_t j = 0; j < top->count; j += 8) {
+        const __mmask8 lanes = j + 8 <= top->count ? 0xFF : (__mmask8)((1u << (top->count - j)) - 1);
+        low = _mm512_mask_min_epi64(low, lanes, low, _mm512_maskz_loadu_epi64(lanes, top->keys + j));
     }
-    top[at] = key;
+    top->low = _mm512_reduce_min_epi64(low);
+    top->low_at = 0;
+    while (top->keys[top->low_at] != top->low) top->low_at++;
+}
+
+static inline void offer(TopK *top, int64_t key) {
+    if (top->count < top->k) {
+        top->keys[top->count++] = key;
+        if (top->count == top->k) find_low(top);
+    } else if (key > top->low) {
+        top->keys[top->low_at] = key;
+        find_low(top);
+    }
+}
+
+/* keys[0, n) (distinct) in descending order into out[0, n): each key goes to the rank given by
+ * the number of keys above it, counted 8 at a time, without a branch on the data. */
+static void sort_descending(const int64_t *keys, int64_t n, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const __m512i key = _mm512_set1_epi64(keys[i]);
+        int64_t rank = 0;
+        for (int64_t j = 0; j < n; j += 8) {
+            const __mmask8 lanes = j + 8 <= n ? 0xFF : (__mmask8)((1u << (n - j)) - 1);
+            rank += __builtin_popcount(_mm512_mask_cmpgt_epi64_mask(lanes, _mm512_maskz_loadu_epi64(lanes, keys + j), key));
+        }
+        out[rank] = keys[i];
+    }
 }
 
 /* The survivors of one (user, candidate) pair, ready for the exact re-scoring: those inside the
@@ -704,7 +736,7 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
     int status = 0;
 #pragma omp parallel num_threads((int)n_threads)
     {
-        int64_t *top = malloc((size_t)k * sizeof(int64_t));
+        int64_t *top = malloc((size_t)2 * k * sizeof(int64_t));  /* the top k, then sorted */
         float *floats = malloc((size_t)2 * m * sizeof(float));
         int32_t *ints = malloc((size_t)2 * m * sizeof(int32_t));
         int64_t *ids = malloc((size_t)2 * m * sizeof(int64_t));
@@ -733,7 +765,7 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                     listed = bc + 1;
                 }
                 const float *cand = cands + bc * dim;
-                int64_t count = 0;
+                TopK best = {top, 0, k, INT64_MIN, 0};
                 double floor = -INFINITY;  /* lower bound of the final k-th score, once round 0 is done */
                 for (int round = 0; round < 2; round++) {
                     for (int64_t j = 0; j < list->n; j++) {
@@ -752,16 +784,21 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                         const int64_t id = list->id[j];
                         if (!(inv_norm[id] > 0)) continue;
                         const float score = exact_score(table, (int)dtype, dim, inv_norm, cand, id);
-                        insert_top(top, &count, k, (int64_t)order_key(score) * 4294967296LL + list->position[j]);
+                        offer(&best, (int64_t)order_key(score) * 4294967296LL + list->position[j]);
+                        /* the k-th so far only rises: a tighter bar for the rest of round 1 */
+                        if (round == 1 && best.count == k) floor = key_value((int32_t)(best.low >> 32));
                     }
-                    if (round == 0 && count == k) floor = key_value((int32_t)(top[k - 1] >> 32));
+                    if (round == 0 && best.count == k) floor = key_value((int32_t)(best.low >> 32));
                 }
-                const float kth = count == k ? key_value((int32_t)(top[k - 1] >> 32)) : -INFINITY;
+                const int64_t count = best.count;
+                const float kth = count == k ? key_value((int32_t)(best.low >> 32)) : -INFINITY;
+                int64_t *sorted = top + k;
+                sort_descending(top, count, sorted);
                 const double b = bound[bc];
                 out_proven[bc] = b == -INFINITY || b + eps_abs + eps_rel * fabs(b) < (double)kth;
                 for (int64_t j = 0; j < k; j++) {
-                    out_scores[bc * k + j] = j < count ? key_value((int32_t)(top[j] >> 32)) : -INFINITY;
-                    out_positions[bc * k + j] = j < count ? (top[j] & 0xFFFFFFFFLL) : -1;
+                    out_scores[bc * k + j] = j < count ? key_value((int32_t)(sorted[j] >> 32)) : -INFINITY;
+                    out_positions[bc * k + j] = j < count ? (sorted[j] & 0xFFFFFFFFLL) : -1;
                 }
             }
         }
