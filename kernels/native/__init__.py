@@ -93,7 +93,7 @@ def _load():
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
@@ -154,8 +154,10 @@ def screen_topk(
         k: the top-k the survivors are for; window: a behaviour screened more than this below a
             candidate's k-th best screened score is dropped (`inf`: never). With window at least
             twice the screen's error, such a behaviour cannot be in the exact top-k.
-        threads: worker threads (default torch.get_num_threads()); a user's history is split into
-            pieces of at least MIN_SPLIT_ROWS rows when users are fewer than threads.
+        threads: worker threads (default torch.get_num_threads()). When users are fewer than
+            threads, a user's history is split into pieces of at least MIN_SPLIT_ROWS rows, and
+            where that leaves threads idle (shorter histories) its candidates into ranges of 32
+            (each range gathers the rows again, which a short history makes cheap).
 
     Returns:
         scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, unordered,
@@ -182,9 +184,10 @@ def screen_topk(
     n_valid = torch.empty(n_users, dtype=torch.int64)
     threads = threads or torch.get_num_threads()
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
+    cand_splits = max(1, math.ceil(threads / (n_users * splits)))
     status = fn(
         screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), history.stride(0), lengths.data_ptr(),
-        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, splits, threads,
+        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, splits, cand_splits, threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
     )
     if status != 0:

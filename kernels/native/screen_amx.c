@@ -76,8 +76,9 @@ typedef struct {
     int64_t n_cands, cand_pad, keep, capacity;
     int64_t k;     /* the final top-k: rows far below a candidate's k-th best are dropped */
     float window;  /* ... when they screen more than this below it (twice the screen's error) */
-    /* work items: user and row range; items of one user are contiguous */
-    const int64_t *item_user, *item_start, *item_end;
+    /* work items: user, row range and candidate tiles [tile_begin, tile_end) of 16; items of one
+     * user are contiguous, and only the first of a row range counts its eligible rows */
+    const int64_t *item_user, *item_start, *item_end, *item_tile_begin, *item_tile_end, *item_counts_rows;
     int64_t n_items;
     /* per item results (a user split in several items is merged afterwards) */
     float *item_scores;      /* [n_items, n_cands, keep] */
@@ -383,17 +384,19 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     const int64_t start = job->item_start[item];
     const int64_t end = job->item_end[item] < length ? job->item_end[item] : length;
     const int64_t *ids = job->history + user * job->hist_stride;
-    const int64_t k_tiles = dim_pad / 32, cand_tiles = job->cand_pad / 16;
-    const int64_t units = (cand_tiles + 1) / 2;  /* pairs of candidate tiles, the last maybe single */
+    const int64_t k_tiles = dim_pad / 32;
+    const int64_t tile_begin = job->item_tile_begin[item], tile_end = job->item_tile_end[item];
+    const int64_t units = (tile_end - tile_begin + 1) / 2;  /* pairs of candidate tiles, the last maybe single */
+    const int64_t c_first = tile_begin * 16, c_last = tile_end * 16 < n_cands ? tile_end * 16 : n_cands;
     const uint16_t *cands = job->cands + user * job->cand_pad * dim_pad;
     const int64_t rows_per_group = 2 * k_tiles * 256;
     const int64_t per_step = (GROUP_ROWS + units * k_tiles - 1) / (units * k_tiles);
     int64_t n_valid = 0;
     uint32_t pending_valid = 0;  /* the unit scored last waits for its selection */
-    int64_t pending_first = 0, pending_unit = 0;
+    int64_t pending_first = 0, pending_tile = 0;
     int64_t slot = 0;
 
-    for (int64_t c = 0; c < n_cands; c++) {
+    for (int64_t c = c_first; c < c_last; c++) {
         ws->threshold[c] = -INFINITY;
         ws->count[c] = 0;
         ws->limit[c] = 2 * job->k < capacity ? 2 * job->k : capacity;
@@ -411,9 +414,8 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         const int64_t fetch_to = g + (PREFETCH_GROUPS + 1) * GROUP_ROWS < end ? g + (PREFETCH_GROUPS + 1) * GROUP_ROWS : end;
         n_valid += __builtin_popcount(valid);
         if (valid) {
-            for (int64_t unit = 0; unit < units; unit++) {
-                const int64_t tile = 2 * unit;
-                const int pair = tile + 1 < cand_tiles;
+            for (int64_t tile = tile_begin; tile < tile_end; tile += 2) {
+                const int pair = tile + 1 < tile_end;
                 const uint16_t *a0 = cands + tile * 16 * dim_pad, *a1 = a0 + 16 * dim_pad;
                 _tile_zero(0); _tile_zero(1);
                 if (pair) { _tile_zero(2); _tile_zero(3); }
@@ -438,25 +440,30 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
                     _tile_stored(3, quartet + 768, 64);
                 }
                 if (pending_valid) {
-                    const int64_t c0 = pending_unit * 32, c1 = c0 + 32 < n_cands ? c0 + 32 : n_cands;
+                    const int64_t c0 = pending_tile * 16, c1 = c0 + 32 < c_last ? c0 + 32 : c_last;
                     select_unit(job, ws, ws->tiles + ((slot - 1) & 1) * 1024, pending_valid, pending_first, c0, c1);
                 }
                 pending_valid = valid;
                 pending_first = g;
-                pending_unit = unit;
+                pending_tile = tile;
                 slot++;
             }
         }
         for (; fetched < fetch_to; fetched++) prefetch_row(job, ids[fetched]);
     }
     if (pending_valid) {
-        const int64_t c0 = pending_unit * 32, c1 = c0 + 32 < n_cands ? c0 + 32 : n_cands;
+        const int64_t c0 = pending_tile * 16, c1 = c0 + 32 < c_last ? c0 + 32 : c_last;
         select_unit(job, ws, ws->tiles + ((slot - 1) & 1) * 1024, pending_valid, pending_first, c0, c1);
     }
 
     float *out_scores = job->item_scores + item * n_cands * keep;
     int32_t *out_positions = job->item_positions + item * n_cands * keep;
     for (int64_t c = 0; c < n_cands; c++) {
+        if (c < c_first || c >= c_last) {  /* another item's candidates */
+            job->item_count[item * n_cands + c] = 0;
+            job->item_bound[item * n_cands + c] = -INFINITY;
+            continue;
+        }
         int64_t n = ws->count[c];
         float *cs = ws->scores + c * (capacity + SLACK);
         int32_t *cp = ws->positions + c * (capacity + SLACK);
@@ -468,7 +475,7 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         job->item_count[item * n_cands + c] = n;
         job->item_bound[item * n_cands + c] = bound;
     }
-    job->item_valid[item] = n_valid;
+    job->item_valid[item] = job->item_counts_rows[item] ? n_valid : 0;
 }
 
 /* Every tile register of this thread as 16 rows of 64 bytes. */
@@ -515,13 +522,15 @@ static void *worker(void *arg) {
 }
 
 /* Screens every user; returns 0, or -1 when memory or threads could not be had. See the file
- * comment for layouts. Users are split into `splits` row ranges each (for parallelism when users
- * are fewer than threads) and merged here. */
+ * comment for layouts. For parallelism when users are fewer than threads, each user's work is
+ * split into `splits` row ranges (long histories; each range warms its own thresholds up) times
+ * `cand_splits` candidate ranges (each gathers the rows again: for histories too short to split),
+ * and merged here. */
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
                          int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window, int64_t splits,
-                         int64_t n_threads, float *out_scores, int64_t *out_positions,
+                         int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
                          float *out_bound, int64_t *out_valid) {
     Job job;
     memset(&job, 0, sizeof(job));
@@ -536,9 +545,13 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     if (span < GROUP_ROWS) span = GROUP_ROWS;
     splits = (block_len + span - 1) / span;
     if (splits < 1) splits = 1;
-    job.n_items = n_users * splits;
+    const int64_t cand_units = (cand_pad / 16 + 1) / 2;  /* candidates are split between pairs of tiles */
+    if (cand_splits > cand_units) cand_splits = cand_units;
+    if (cand_splits < 1) cand_splits = 1;
+    const int64_t per_user = splits * cand_splits;
+    job.n_items = n_users * per_user;
     size_t per_item = (size_t)n_cands * keep;
-    int64_t *item_user = malloc(job.n_items * 3 * sizeof(int64_t));
+    int64_t *item_user = malloc(job.n_items * 6 * sizeof(int64_t));
     job.item_scores = malloc(job.n_items * per_item * sizeof(float));
     job.item_positions = malloc(job.n_items * per_item * sizeof(int32_t));
     job.item_count = malloc(job.n_items * n_cands * sizeof(int64_t));
@@ -549,15 +562,24 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
         goto done;
     for (int64_t u = 0; u < n_users; u++) {
         for (int64_t s = 0; s < splits; s++) {
-            int64_t i = u * splits + s;
-            item_user[i] = u;
-            item_user[job.n_items + i] = s * span;
-            item_user[2 * job.n_items + i] = (s + 1) * span < block_len ? (s + 1) * span : block_len;
+            for (int64_t t = 0; t < cand_splits; t++) {
+                const int64_t i = (u * splits + s) * cand_splits + t;
+                item_user[i] = u;
+                item_user[job.n_items + i] = s * span;
+                item_user[2 * job.n_items + i] = (s + 1) * span < block_len ? (s + 1) * span : block_len;
+                item_user[3 * job.n_items + i] = 2 * (t * cand_units / cand_splits);
+                const int64_t tile_end = 2 * ((t + 1) * cand_units / cand_splits);
+                item_user[4 * job.n_items + i] = tile_end < cand_pad / 16 ? tile_end : cand_pad / 16;
+                item_user[5 * job.n_items + i] = t == 0;
+            }
         }
     }
     job.item_user = item_user;
     job.item_start = item_user + job.n_items;
     job.item_end = item_user + 2 * job.n_items;
+    job.item_tile_begin = item_user + 3 * job.n_items;
+    job.item_tile_end = item_user + 4 * job.n_items;
+    job.item_counts_rows = item_user + 5 * job.n_items;
 
     if (n_threads > job.n_items) n_threads = job.n_items;
     if (n_threads < 1) n_threads = 1;
@@ -569,21 +591,21 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     if (job.failed) goto done;
 
     /* Merge the items of each user: keep the best `keep`, the bound is the largest left out. */
-    float *merged = malloc((size_t)splits * keep * sizeof(float));
-    int32_t *merged_pos = malloc((size_t)splits * keep * sizeof(int32_t));
+    float *merged = malloc((size_t)per_user * keep * sizeof(float));
+    int32_t *merged_pos = malloc((size_t)per_user * keep * sizeof(int32_t));
     if (!merged || !merged_pos) {
         free(merged); free(merged_pos);
         goto done;
     }
     for (int64_t u = 0; u < n_users; u++) {
         int64_t valid = 0;
-        for (int64_t s = 0; s < splits; s++) valid += job.item_valid[u * splits + s];
+        for (int64_t s = 0; s < per_user; s++) valid += job.item_valid[u * per_user + s];
         out_valid[u] = valid;
         for (int64_t c = 0; c < n_cands; c++) {
             int64_t n = 0;
             float bound = -INFINITY;
-            for (int64_t s = 0; s < splits; s++) {
-                int64_t i = u * splits + s;
+            for (int64_t s = 0; s < per_user; s++) {
+                int64_t i = u * per_user + s;
                 int64_t cnt = job.item_count[i * n_cands + c];
                 memcpy(merged + n, job.item_scores + (i * n_cands + c) * keep, cnt * sizeof(float));
                 memcpy(merged_pos + n, job.item_positions + (i * n_cands + c) * keep, cnt * sizeof(int32_t));
@@ -593,6 +615,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
             }
             float cut = tighten(&job, merged, merged_pos, &n, 0);
             bound = cut > bound ? cut : bound;
+            /* a piece keeps what lies above its own bound, which can be below another piece's */
+            drop_below(merged, merged_pos, &n, bound);
             float *os = out_scores + (u * n_cands + c) * keep;
             int64_t *op = out_positions + (u * n_cands + c) * keep;
             for (int64_t e = 0; e < keep; e++) {

@@ -69,6 +69,22 @@ def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, m
 
 
 @needs_amx
+@pytest.mark.parametrize("n_cands", [17, 40, 100])
+@pytest.mark.parametrize("min_split_rows", [16_384, 300])
+@pytest.mark.parametrize("window", [float("inf"), 0.05])
+def test_one_user_split_by_candidates_and_rows(n_cands, min_split_rows, window, monkeypatch):
+    # One user and 4 threads: a history too short to split by rows is split by candidates
+    # (ranges of 32, the last one maybe a single tile of 16); with min_split_rows = 300 into 2 row
+    # ranges x 2 candidate ranges. Each range's survivors are merged; eligible rows counted once.
+    monkeypatch.setattr(native, "MIN_SPLIT_ROWS", min_split_rows)
+    screen = unit_table(500, 128, seed=n_cands)
+    gen = torch.Generator().manual_seed(n_cands + 1)
+    history = torch.randint(0, 501, (1, 700), generator=gen)
+    unit_cands = torch.nn.functional.normalize(torch.randn(1, n_cands, 128, generator=gen), dim=-1)
+    check_screen(screen, unit_cands, history, torch.tensor([650]), keep=30, threads=4, k=10, window=window)
+
+
+@needs_amx
 def test_fewer_eligible_than_keep_keeps_them_all():
     screen = unit_table(50, 32, seed=1)
     history = torch.tensor([[5, 0, 6, 7, 8, 0, 0, 0]])
