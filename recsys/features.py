@@ -305,8 +305,11 @@ def _as_long(name: str, values: Any) -> torch.Tensor:
     return tensor.long()
 
 
-# Elements of one [users, C, M, D] product in `_cosines`: bounds the memory of a chunk (64 MiB).
-_COSINE_CHUNK_ELEMENTS = 1 << 24
+# Elements of one [users, C, M, D] product in `_cosines` (2 MiB of float32): pieces this small
+# stay in cache, so the gather, normalisation, product and sum do not each stream through memory
+# (measured against 64 MiB pieces: 1,000 candidates x 50 selected items 21-29 -> 10 ms, 1,024
+# users x 50 items 18-30 -> 10 ms; 100 candidates x 50 items ~0.8 ms either way).
+_COSINE_CHUNK_ELEMENTS = 1 << 19
 
 
 def _cosines(
@@ -333,14 +336,16 @@ def _cosines(
     out = torch.zeros(b, c, m)
     if out.numel() == 0:
         return out
-    step = max(1, _COSINE_CHUNK_ELEMENTS // max(1, c * m * dim))
-    for start in range(0, b, step):
-        part = slice(start, start + step)
-        target = _unit(lookup(targets[part])).unsqueeze(2)  # [b, C, 1, D]
-        rows = _unit(lookup(ids[part]))  # [b, M, D] or [b, C, M, D]
-        if rows.dim() == 3:
-            rows = rows.unsqueeze(1)
-        out[part] = (target * rows).sum(-1)
+    pairs = max(1, _COSINE_CHUNK_ELEMENTS // max(1, m * dim))  # (user, target) pairs per piece
+    users_per_piece, targets_per_piece = (pairs // c, c) if pairs >= c else (1, pairs)
+    for start in range(0, b, users_per_piece):
+        users = slice(start, start + users_per_piece)
+        shared = None if ids.dim() == 3 else _unit(lookup(ids[users])).unsqueeze(1)  # [b, 1, M, D]
+        for first in range(0, c, targets_per_piece):
+            cands = slice(first, first + targets_per_piece)
+            target = _unit(lookup(targets[users, cands])).unsqueeze(2)  # [b, c, 1, D]
+            rows = shared if shared is not None else _unit(lookup(ids[users, cands]))  # [b, c or 1, M, D]
+            out[users, cands] = (target * rows).sum(-1)
     return out
 
 

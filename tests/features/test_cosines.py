@@ -32,8 +32,9 @@ def test_cosines_bit_identical_at_any_batch_shape_and_chunking(table, per_target
     assert torch.allclose(whole, (unit[targets].unsqueeze(2) * rows).sum(-1), atol=1e-6)
     assert torch.equal(whole[targets == 0], torch.zeros(int((targets == 0).sum()), M))
 
-    monkeypatch.setattr(features, "_COSINE_CHUNK_ELEMENTS", C * M * D * 2)  # two users per chunk
-    assert torch.equal(features._cosines(lookup, D, targets, ids), whole)
+    for pieces in (C * M * D * 2, 3 * M * D):  # two users per piece; 3 targets of one user per piece
+        monkeypatch.setattr(features, "_COSINE_CHUNK_ELEMENTS", pieces)
+        assert torch.equal(features._cosines(lookup, D, targets, ids), whole)
     for b in range(B):
         for c in range(C):
             one = ids[b : b + 1, c : c + 1] if per_target else ids[b : b + 1]
