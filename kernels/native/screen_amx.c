@@ -703,29 +703,44 @@ static void sort_descending(const int64_t *keys, int64_t n, int64_t *out) {
 }
 
 /* The survivors of one (user, candidate) pair, ready for the exact re-scoring: those inside the
- * user's length with a non-zero id, their screened scores, positions and ids, and the key of a
- * cut above which at least k of them lie (INT32_MIN when they are k or fewer). */
+ * user's length with a non-zero id, their screened scores, positions and ids, best screened
+ * first. */
 typedef struct {
     float *screened;
     int32_t *position;
     int64_t *id;
     int64_t n;
-    int32_t cut;
 } Survivors;
 
+static int descending_keys(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* keys: scratch of 2 m. Sorted by a count per key of the keys above it where there are few
+ * (the usual ~100; no data-dependent branch), by qsort where a regrown screen kept thousands. */
 static void list_survivors(Survivors *list, const float *screened, const int64_t *pos, int64_t m, int64_t length,
-                           const int64_t *ids, int64_t k) {
+                           const int64_t *ids, int64_t *keys) {
     int64_t n = 0;
     for (int64_t j = 0; j < m; j++) {
         const int64_t p = pos[j];
         if (p < 0 || p >= length || ids[p] == 0) continue;
-        list->screened[n] = screened[j];
-        list->position[n] = (int32_t)p;
-        list->id[n] = ids[p];
-        n++;
+        keys[n++] = (int64_t)order_key(screened[j]) * 4294967296LL + j;
+    }
+    int64_t *sorted = keys + m;
+    if (n <= 256) {
+        sort_descending(keys, n, sorted);
+    } else {
+        memcpy(sorted, keys, (size_t)n * sizeof(int64_t));
+        qsort(sorted, (size_t)n, sizeof(int64_t), descending_keys);
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t j = sorted[r] & 0xFFFFFFFFLL;
+        list->screened[r] = screened[j];
+        list->position[r] = (int32_t)pos[j];
+        list->id[r] = ids[pos[j]];
     }
     list->n = n;
-    list->cut = n > k ? find_cut(list->screened, n, k, 0) : INT32_MIN;
 }
 
 /* Exact top-k of each (user, candidate) among its survivors, re-scoring only those that can be in it.
@@ -736,11 +751,11 @@ static void list_survivors(Survivors *list, const float *screened, const int64_t
  * screened at most this (-inf: none was). A survivor is eligible when inside the user's length,
  * its id is not 0 and its row is not zero.
  *
- * In two rounds: the k best survivors by screened score are scored exactly (`exact_score`, the
- * table's own values as float32) and their k-th exact score is a lower bound of the final k-th;
- * then only the other survivors whose screened score plus its error reaches that bound can still
- * enter, and only they are scored. On random rows this reads about half the survivors' rows (at
- * k = 50 of 150 kept: ~75), which are random rows of the table, bound by outstanding misses.
+ * Survivors are listed best screened first. In two rounds: the k best are scored exactly
+ * (`exact_score`, the table's own values as float32) and their k-th exact score is a lower bound
+ * of the final k-th; then the others, in order, while their screened score plus its error reaches
+ * that bound (it only rises): the first that does not ends the pair. On random rows that reads
+ * ~60 rows per pair, random rows of the table.
  * Ranked by the key (order-preserving int32 of the score) << 32 | position, the order of
  * kernels/_keys.py: highest score first, ties toward the more recent behaviour.
  *
@@ -764,17 +779,18 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
         float *floats = malloc((size_t)2 * m * sizeof(float));
         int32_t *ints = malloc((size_t)2 * m * sizeof(int32_t));
         int64_t *ids = malloc((size_t)2 * m * sizeof(int64_t));
-        if (!top || !floats || !ints || !ids) {
+        int64_t *keys = malloc((size_t)2 * m * sizeof(int64_t));
+        if (!top || !floats || !ints || !ids || !keys) {
             __atomic_store_n(&status, -1, __ATOMIC_RELAXED);
         } else {
-            Survivors lists[2] = {{floats, ints, ids, 0, 0}, {floats + m, ints + m, ids + m, 0, 0}};
+            Survivors lists[2] = {{floats, ints, ids, 0}, {floats + m, ints + m, ids + m, 0}};
             int64_t listed = -1;  /* the pair whose survivors lists[listed & 1] holds */
 #pragma omp for schedule(static)
             for (int64_t bc = 0; bc < pairs; bc++) {
                 const int64_t user = bc / n_cands;
                 if (listed != bc)
                     list_survivors(&lists[bc & 1], screened + bc * m, positions + bc * m, m, lengths[user],
-                                   history + user * hist_stride, k);
+                                   history + user * hist_stride, keys);
                 const Survivors *list = &lists[bc & 1];
                 /* list the next pair now: its rows are prefetched, one per survivor visited here */
                 Survivors *next = &lists[(bc + 1) & 1];
@@ -783,28 +799,27 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                 if (bc + 1 < pairs) {
                     const int64_t next_user = (bc + 1) / n_cands;
                     list_survivors(next, screened + (bc + 1) * m, positions + (bc + 1) * m, m, lengths[next_user],
-                                   history + next_user * hist_stride, k);
-                    const double kth = key_value(next->cut);
+                                   history + next_user * hist_stride, keys);
+                    const double kth = next->n > k ? next->screened[k - 1] : -INFINITY;
                     next_from = kth - 2 * (eps_abs + eps_rel * fabs(kth));
                     listed = bc + 1;
                 }
                 const float *cand = cands + bc * dim;
                 TopK best = {top, 0, k, INT64_MIN, 0};
                 double floor = -INFINITY;  /* lower bound of the final k-th score, once round 0 is done */
+                /* round 0: the k best screened; round 1: the rest, while they can still reach the k-th */
+                const int64_t firsts = list->n < k ? list->n : k;
                 for (int round = 0; round < 2; round++) {
-                    for (int64_t j = 0; j < list->n; j++) {
-                        for (; next_at < next->n && next_from < INFINITY; next_at++) {
-                            if (next->screened[next_at] < next_from) continue;
+                    for (int64_t j = round == 0 ? 0 : firsts; j < (round == 0 ? firsts : list->n); j++) {
+                        /* the next pair's likely rows (a prefix: sorted too), one per survivor visited */
+                        if (next_at < next->n && next->screened[next_at] >= next_from) {
                             const char *row = (const char *)table + next->id[next_at] * row_bytes;
                             for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
                             _mm_prefetch((const char *)(inv_norm + next->id[next_at]), _MM_HINT_T0);
                             next_at++;
-                            break;
                         }
                         const float a = list->screened[j];
-                        const int first = order_key(a) >= list->cut;
-                        if (round == 0 ? !first : first) continue;
-                        if (round == 1 && (double)a + eps_abs + eps_rel * fabs((double)a) < floor) continue;
+                        if (round == 1 && (double)a + eps_abs + eps_rel * fabs((double)a) < floor) break;
                         const int64_t id = list->id[j];
                         if (!(inv_norm[id] > 0)) continue;
                         const float score = exact_score(table, (int)dtype, dim, inv_norm, cand, id);
@@ -830,6 +845,7 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
         free(floats);
         free(ints);
         free(ids);
+        free(keys);
     }
     return status;
 }

@@ -214,6 +214,27 @@ def test_rescore_topk_is_the_float32_top_k_with_ties_to_the_recent(dtype, dim):
 
 
 @needs_amx
+def test_rescore_topk_with_many_survivors_sorts_them_all():
+    # A regrown screen hands over thousands of survivors (past the small-list sort): the result is
+    # still the exact top-k, whatever order the survivors come in.
+    gen = torch.Generator().manual_seed(5)
+    table = torch.nn.functional.normalize(torch.randn(700, 32, generator=gen), dim=1)
+    table[0] = 0
+    inv_norm = torch.where(table.norm(dim=1) > 0, 1 / table.norm(dim=1), 0)
+    unit_cands = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=gen), dim=-1)
+    history = torch.randperm(699, generator=gen).add(1).unsqueeze(0)  # 699 distinct items
+    positions = torch.stack([torch.randperm(699, generator=gen) for _ in range(2)]).unsqueeze(0)  # [1, 2, 699]
+    exact = torch.einsum("cd,cmd->cm", unit_cands[0].double(), table.double()[history[0, positions[0]]])
+    screened = (exact + (torch.rand(exact.shape, generator=gen, dtype=torch.float64) - 0.5) * 0.01).float().unsqueeze(0)
+    scores, top, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([699]), screened,
+                                              positions, torch.full((1, 2), float("-inf")), 20, (0.005, 0.0))
+    assert proven.all()
+    for c in range(2):
+        expected = positions[0, c][exact[c].argsort(descending=True)[:20]]
+        assert top[0, c].tolist() == expected.tolist()
+
+
+@needs_amx
 def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_the_kth():
     gen = torch.Generator().manual_seed(3)
     table = torch.nn.functional.normalize(torch.randn(200, 32, generator=gen), dim=1)
