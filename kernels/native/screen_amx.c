@@ -525,7 +525,8 @@ static void *worker(void *arg) {
  * comment for layouts. For parallelism when users are fewer than threads, each user's work is
  * split into `splits` row ranges (long histories; each range warms its own thresholds up) times
  * `cand_splits` candidate ranges (each gathers the rows again: for histories too short to split),
- * and merged here. */
+ * and merged here. Each candidate keeps at most `keep` survivors, none more than `window` below
+ * its k-th best screened score (window = infinity: `keep` alone decides). */
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
@@ -538,7 +539,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.history = history; job.hist_stride = hist_stride; job.lengths = lengths;
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
     job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window;
-    job.capacity = (2 * keep + 15) / 16 * 16;  /* cut when a buffer holds twice `keep` */
+    job.capacity = (2 * keep + 15) / 16 * 16;  /* a buffer is cut by the time it holds twice `keep` */
     if (splits < 1) splits = 1;
     int64_t span = (block_len + splits - 1) / splits;
     span = (span + GROUP_ROWS - 1) / GROUP_ROWS * GROUP_ROWS;
