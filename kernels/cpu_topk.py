@@ -233,7 +233,9 @@ def cosine_topk_cpu(
             grown = keep
             while screener.fused and len(redo) and grown * NATIVE_REGROW < min(int(user_len), NATIVE_REGROW_MAX_KEEP):
                 grown *= NATIVE_REGROW
-                s, p, done = screener.select(unit_cands[user : user + 1, redo], user_hist, user_len, k, grown, cols)
+                s, p, done = screener.select(
+                    unit_cands[user : user + 1, redo], user_hist, user_len, k, grown, cols, sampled=False
+                )
                 out_scores[user, redo[done[0]]], out_positions[user, redo[done[0]]] = s[0, done[0]], p[0, done[0]]
                 redo, kth = redo[~done[0]], s[0, ~done[0], k - 1]
             if len(redo):
@@ -483,11 +485,20 @@ class _Screener:
         return measured_screen_error(dim, self.prep.screen_error, float(cand_error), rounded)
 
     def select(
-        self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int, cols: int
+        self,
+        unit_cands: torch.Tensor,
+        history: torch.Tensor,
+        lengths: torch.Tensor,
+        k: int,
+        keep: int,
+        cols: int,
+        sampled: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Screen, re-score and select for one block of users.
 
-        Args: unit_cands [Bb, C, D] float32; history [Bb, Lb]; lengths [Bb].
+        Args: unit_cands [Bb, C, D] float32; history [Bb, Lb]; lengths [Bb]; sampled: let the
+        fused screen start its thresholds from a sample (`native.sampled_start`; a screen again
+        after a failed proof does without).
         Returns: scores float32 [Bb, C, k], positions int64 [Bb, C, k], and complete BoolTensor
         [Bb, C]: True where the result is proven to be the exact top-k.
         """
@@ -497,7 +508,8 @@ class _Screener:
             # A behaviour screened 2 x error below a k-th best screened score is below the k-th
             # exact one; the 1% more keeps the proof's inequality strict.
             screened, positions, bound, _ = native.screen_topk(
-                self.prep.screen, unit_cands, history, lengths, keep, k, 2.02 * absolute
+                self.prep.screen, unit_cands, history, lengths, keep, k, 2.02 * absolute,
+                sample_every=native.sampled_start(k, unit_cands.shape[1]) if sampled else 0,
             )
             # Complete when nothing eligible was left out, or when whatever was (screened at most
             # `bound`, so exactly at most bound + error) scores below the k-th exact survivor:

@@ -93,7 +93,7 @@ def _load():
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
@@ -132,6 +132,21 @@ def _build() -> Path:
 # warm-up of a piece's running thresholds costs more than the parallelism gains.
 MIN_SPLIT_ROWS = 16_384
 
+# Below these, a sampled start reads more extra rows (one in sample_every) than it saves: its gain
+# grows with the candidates (their hits), its cost with the rows (measured: no gain at C <= 32,
+# 4-10% at C = 100 to 1,000).
+MIN_SAMPLE_EVERY = 16
+MIN_SAMPLED_CANDIDATES = 64
+
+
+def sampled_start(k: int, n_cands: int) -> int:
+    """`sample_every` for a first screen for the top-k of n_cands candidates: one row in k. At
+    least 8 sampled behaviours reach the sampled value, so at least as many of a piece's
+    behaviours reach it as reach the 8th best of a sample of one in k: about Gamma(8) x k of them,
+    fewer than k with probability ~1e-5 whatever the scores (22 x k on average). 0 (thresholds
+    from -inf) for small k or few candidates, where the sample would cost more than it saves."""
+    return k if k >= MIN_SAMPLE_EVERY and n_cands >= MIN_SAMPLED_CANDIDATES else 0
+
 
 def screen_topk(
     screen: torch.Tensor,
@@ -141,6 +156,7 @@ def screen_topk(
     keep: int,
     k: int,
     window: float,
+    sample_every: int = 0,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Survivors per (user, candidate) by bf16 cosine, in one fused pass: at most the best `keep`,
@@ -154,6 +170,11 @@ def screen_topk(
         k: the top-k the survivors are for; window: a behaviour screened more than this below a
             candidate's k-th best screened score is dropped (`inf`: never). With window at least
             twice the screen's error, such a behaviour cannot be in the exact top-k.
+        sample_every: > 0: each piece's thresholds start from a sample of every this-many-th row,
+            a window below a score that ~8 x sample_every or more of its behaviours reach (see
+            `sampled_start`); the caller's proof fails, rarely, where fewer than k of a user's
+            behaviours reach it, and a second screen without a sample settles those. 0: thresholds
+            start at -inf. Ignored with an infinite window.
         threads: worker threads (default torch.get_num_threads()). When users are fewer than
             threads, a user's history is split into pieces of at least MIN_SPLIT_ROWS rows, and
             where that leaves threads idle (shorter histories) its candidates into ranges of 32
@@ -187,7 +208,8 @@ def screen_topk(
     cand_splits = max(1, math.ceil(threads / (n_users * splits)))
     status = fn(
         screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), history.stride(0), lengths.data_ptr(),
-        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, splits, cand_splits, threads,
+        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, sample_every, splits, cand_splits,
+        threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
     )
     if status != 0:

@@ -8,7 +8,7 @@ import kernels.cpu_topk as cpu_topk
 from kernels import cosine_topk, native
 from kernels.cosine_topk import jagged_to_padded
 from kernels.reference import cosine_topk_reference
-from topk_checks import assert_valid_topk, make_table
+from topk_checks import assert_valid_topk, make_table, sampled_copies_history
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 
@@ -364,5 +364,24 @@ def test_the_fused_screen_regrows_its_survivors_before_widening(monkeypatch, scr
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=0)
     assert len(screens) == 3 and not widens
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_an_unlucky_sample_fails_the_proof_and_is_screened_again_without_one(monkeypatch, screen_kind):
+    # The first screen starts its thresholds from a sample that sees only the 8 copies of the
+    # candidates' item (see test_native_screen): 8 survivors cannot prove a top-50, so the same
+    # candidates are screened again, from -inf, and the result is exact.
+    if screen_kind != "native-screen":
+        pytest.skip("the sampled start is the fused screen's")
+    table = make_table(5_000, 128, torch.float32)
+    history, _ = sampled_copies_history(table, 4_000, every=50)
+    candidates, lengths = torch.ones(1, native.MIN_SAMPLED_CANDIDATES, dtype=torch.int64), torch.tensor([4_000])
+    samples = []
+    original = native.screen_topk
+    monkeypatch.setattr(native, "screen_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
+    fast = cosine_topk(table, candidates, history, lengths, 50, impl="cpu")
+    assert samples == [50, 0]
+    ref = cosine_topk_reference(table, candidates, history, lengths, 50)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)

@@ -6,6 +6,7 @@ import torch
 
 import kernels.cpu_topk as cpu_topk
 from kernels import native
+from topk_checks import sampled_copies_history
 
 needs_amx = pytest.mark.skipif(not native.available(), reason=f"native screen unavailable: {native.unavailable_reason()}")
 
@@ -18,11 +19,13 @@ def unit_table(n_items: int, dim: int, seed: int) -> torch.Tensor:
     return table.to(torch.bfloat16).contiguous()
 
 
-def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, window=float("inf")):
+def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, window=float("inf"), sample_every=0):
     """The screen's contract, checked against float64 products; with a finite window, also that
     nothing within the window below the k-th best was dropped (unless `keep` was reached)."""
     k = keep if k is None else k
-    scores, positions, bound, n_valid = native.screen_topk(screen, unit_cands, history, lengths, keep, k, window, threads=threads)
+    scores, positions, bound, n_valid = native.screen_topk(
+        screen, unit_cands, history, lengths, keep, k, window, sample_every=sample_every, threads=threads
+    )
     exact = unit_cands.to(torch.bfloat16).double() @ screen[history].double().transpose(1, 2)  # [B, C, L]
     eligible = (history != 0) & (torch.arange(history.shape[1]) < lengths[:, None]) & screen[history].ne(0).any(-1)
     assert torch.equal(n_valid, eligible.sum(1))
@@ -106,18 +109,38 @@ def test_ties_at_the_cut_respect_the_bound(monkeypatch):
 
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 3])
-def test_the_window_drops_what_lies_too_far_below_the_kth(threads, monkeypatch):
+@pytest.mark.parametrize("sample_every", [0, 8])
+def test_the_window_drops_what_lies_too_far_below_the_kth(threads, sample_every, monkeypatch):
     # k = 10 of 3,000 random rows with room for 400: only the window around the 10th best should
-    # stay, far fewer than `keep`; what it drops still respects the bound (check_screen).
+    # stay, far fewer than `keep`; what it drops still respects the bound (check_screen). With a
+    # sampled start (pieces of 1,000 rows or more: 125 sampled rows each) the same holds.
     monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 512)
     screen = unit_table(5_000, 128, seed=5)
     gen = torch.Generator().manual_seed(5)
     history = torch.randint(1, 5_001, (2, 3_000), generator=gen)
     unit_cands = torch.nn.functional.normalize(torch.randn(2, 20, 128, generator=gen), dim=-1)
     _, positions, _ = check_screen(screen, unit_cands, history, torch.tensor([3_000, 2_000]), keep=400,
-                                   threads=threads, k=10, window=0.03)
+                                   threads=threads, k=10, window=0.03, sample_every=sample_every)
     kept = (positions >= 0).sum(-1).float()
     assert kept.max() < 400 and kept.mean() < 100
+
+
+@needs_amx
+def test_a_sampled_start_leaves_out_what_lies_below_the_sampled_value():
+    # The 8 copies of the candidate's own item are all the sample's bests: the threshold starts a
+    # window below their score (1.0), so nothing else is taken, and the bound says so (fewer than
+    # k survive: the caller's proof fails, as the next test of cosine_topk shows). Without a sample
+    # the running threshold keeps the window of the k-th best.
+    screen = unit_table(5_000, 128, seed=8)
+    history, unit_cands = sampled_copies_history(screen, 4_000, every=50)
+    lengths = torch.tensor([4_000])
+    scores, positions, bound, _ = native.screen_topk(screen, unit_cands, history, lengths, 150, 50, 0.01,
+                                                     sample_every=50, threads=1)
+    kept = positions[0, 0][positions[0, 0] >= 0]
+    assert sorted(kept.tolist()) == list(range(0, 400, 50))
+    assert 0.98 < float(bound[0, 0]) < float(scores[0, 0, : len(kept)].min())
+    _, positions, bound, _ = native.screen_topk(screen, unit_cands, history, lengths, 150, 50, 0.01, threads=1)
+    assert (positions[0, 0] >= 0).sum() >= 50 and float(bound[0, 0]) < 0.5
 
 
 @needs_amx

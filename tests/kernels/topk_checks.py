@@ -61,3 +61,15 @@ def assert_valid_topk(table, candidates, history, lengths, k, scores, positions,
             left_out[chosen] = False
             if left_out.any():
                 assert truth[b, c, left_out].max() <= truth[b, c, chosen].min() + atol
+
+
+def sampled_copies_history(screen, length, every, copies=8, seed=7):
+    """A history of random items where only the first `copies` sampled positions (0, every,
+    2 every, ...) hold one item: the sample sees that item at the 8 bests it folds its lanes into,
+    while fewer than k behaviours of the history score as high. Returns (history [1, length],
+    unit candidate [1, 1, D] equal to that item's row)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_items = screen.shape[0] - 1
+    history = torch.randint(8, n_items + 1, (1, length), generator=gen)
+    history[0, : copies * every : every] = 1
+    return history, screen[1].float().view(1, 1, -1)
