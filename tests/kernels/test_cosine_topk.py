@@ -385,3 +385,22 @@ def test_an_unlucky_sample_fails_the_proof_and_is_screened_again_without_one(mon
     ref = cosine_topk_reference(table, candidates, history, lengths, 50)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_candidate_vectors_share_the_bf16_copys_arithmetic(dtype):
+    # Candidates are table rows times the prepared reciprocal norms, the arithmetic of the bf16
+    # copy: rounded to bf16 they are its rows bit for bit, and the rounding error reported for
+    # them is the one measured for those rows at preparation. Zero rows (id 0) stay zero.
+    table = make_table(500, 24, dtype)
+    prep = cpu_topk._table_prep(table)
+    candidates = torch.randint(0, 501, (3, 7), generator=torch.Generator().manual_seed(3))
+    candidates[0, 0] = 0
+    unit, cand_error = cpu_topk._unit_candidates(table, prep, candidates)
+    assert unit.shape == (3, 7, 24) and unit.dtype == torch.float32
+    assert torch.equal(unit.bfloat16(), prep.screen[candidates])
+    assert (unit[0, 0] == 0).all()
+    measured = float((unit.bfloat16().float() - unit).norm(dim=-1).max())
+    assert cand_error == pytest.approx(measured, rel=1e-5)
+    expected = torch.nn.functional.normalize(table[candidates].float(), dim=-1)
+    torch.testing.assert_close(unit, expected, atol=1e-7, rtol=0)
