@@ -31,7 +31,8 @@ import torch
 
 import kernels.cpu_topk as cpu_topk
 from kernels import cosine_topk, native
-from kernels.cpu_topk import _table_prep, scratch_bytes
+from kernels.cpu_topk import _table_prep
+from kernels.scratch import scratch_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gsu.json"
 

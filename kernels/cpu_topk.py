@@ -14,8 +14,8 @@ Two strategies, chosen per block of users (details and measurements in docs/gsu.
 
   1. Each history chunk is gathered once (from a normalised bfloat16 copy of the table, built
      once per table, see `_table_prep`) and scored against all C candidates with one matmul into
-     a reused buffer of this thread (`_scratch`: fresh large allocations fault in a page per
-     4 KiB on every call).
+     a reused buffer of this thread (`kernels.scratch`: fresh large allocations fault in a page
+     per 4 KiB on every call).
   2. Selection in a long chunk goes through group maxima: its rows are split into strided
      groups, the maximum of each group is taken on the bf16 bits read as int16 (the same order as
      the floats for positive values, and a native integer max, ~10x faster than a bf16
@@ -55,7 +55,6 @@ keeps its chunk buffers between calls (tens of MB at the largest shapes). torch'
 from __future__ import annotations
 
 import math
-import threading
 import weakref
 from typing import NamedTuple
 
@@ -64,8 +63,9 @@ import torch
 from kernels import native
 from kernels._keys import pack_keys, unpack_keys
 from kernels.hugepages import empty_huge
+from kernels.scratch import scratch
 
-__all__ = ["cosine_topk_cpu", "scratch_bytes", "screen_error_bound"]
+__all__ = ["cosine_topk_cpu", "screen_error_bound"]
 
 # Element budgets that bound memory whatever the input size: the score chunk [Bb, C, n] and the
 # gathered rows [Bb, n, D]; 8M row elements are 65,536 rows of D = 128.
@@ -97,7 +97,6 @@ USE_NATIVE = True
 NATIVE_REGROW = 4
 NATIVE_REGROW_MAX_KEEP = 16_384
 _PREP: list = []  # [weakref to the table, its version, its _TablePrep]
-_SCRATCH = threading.local()
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -296,9 +295,9 @@ def _exact_block(
         rows = _gather_float(table, distinct, "exact-rows")  # [Bb * U, D]
         scale = _scales(prep, distinct, rows).view(distinct.shape)
         valid &= scale.gt(0).gather(1, index)
-        by_item = _scratch("exact-by-item", (n_users, n_cands, distinct.shape[1]), torch.float32)
+        by_item = scratch("exact-by-item", (n_users, n_cands, distinct.shape[1]), torch.float32)
         torch.bmm(unit_cands, rows.view(n_users, -1, dim).transpose(1, 2), out=by_item).mul_(scale.unsqueeze(1))
-        scores = _scratch("exact-scores", (n_users, n_cands, block_len), torch.float32)
+        scores = scratch("exact-scores", (n_users, n_cands, block_len), torch.float32)
         torch.gather(by_item, 2, index.unsqueeze(1).expand(n_users, n_cands, block_len), out=scores)
         best = _top_keys(scores.masked_fill_(~valid.unsqueeze(1), float("-inf")), 0, k)
     else:
@@ -309,8 +308,8 @@ def _exact_block(
             n = ids.shape[1]
             rows = _gather_float(table, ids, "exact-rows").view(n_users, n, dim)
             scale = _scales(prep, ids, rows.view(-1, dim)).view(n_users, n)
-            product = _scratch("exact-product", (n_users, n, dim), torch.float32)
-            by_cand = _scratch("exact-scores", (n_cands, n_users, n), torch.float32)
+            product = scratch("exact-product", (n_users, n, dim), torch.float32)
+            by_cand = scratch("exact-scores", (n_cands, n_users, n), torch.float32)
             for c in range(n_cands):
                 torch.sum(torch.mul(rows, unit_cands[:, c : c + 1], out=product), dim=-1, out=by_cand[c])
             scores = by_cand.permute(1, 0, 2).mul_(scale.unsqueeze(1))  # [Bb, C, n]
@@ -364,7 +363,7 @@ def _exact_scores(
         sub = ids[:, c0 : c0 + step]  # [Bb, c, m]
         rows = _gather_float(table, sub, "rescore-rows").view(*sub.shape, dim)
         scale = _scales(prep, sub, rows.view(-1, dim)).view(sub.shape)
-        product = _scratch("rescore-product", rows.shape, torch.float32)
+        product = scratch("rescore-product", rows.shape, torch.float32)
         torch.mul(rows, unit_cands[:, c0 : c0 + step].unsqueeze(2), out=product)
         exact[:, c0 : c0 + step] = product.sum(-1).mul_(scale)
         eligible[:, c0 : c0 + step] = sub.ne(0).logical_and_(scale.gt(0))
@@ -442,38 +441,14 @@ def _reciprocal_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, norms.clamp_min(_TINY).reciprocal(), 0.0)
 
 
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A reusable buffer of this thread, viewed as `shape` (contents undefined).
-
-    Chunk buffers are tens of MB: a fresh allocation of that size is a new mapping whose pages
-    fault in on first touch, on every call, which cost more than the arithmetic (measured). So
-    each thread keeps its buffers, grown on demand and never shrunk. A caller must not hold a view
-    across another request for the same name.
-    """
-    buffers = _SCRATCH.__dict__
-    numel = math.prod(shape)
-    key = (name, dtype)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        # A buffer allocated under torch.inference_mode could not be written outside it later.
-        with torch.inference_mode(False):
-            buffer = buffers[key] = torch.empty(numel, dtype=dtype)
-    return buffer[:numel].view(shape)
-
-
-def scratch_bytes() -> int:
-    """Bytes held by the calling thread's reusable chunk buffers (see `_scratch`)."""
-    return sum(buffer.numel() * buffer.element_size() for buffer in _SCRATCH.__dict__.values())
-
-
 def _gather_float(table: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
     """Rows `ids` [M] of the table as float32 [M, D], in a scratch buffer called `name`."""
     shape = (ids.numel(), table.shape[1])
-    rows = _scratch(name, shape, torch.float32)
+    rows = scratch(name, shape, torch.float32)
     if table.dtype == torch.float32:
         return torch.index_select(table, 0, ids.reshape(-1), out=rows)
     # Gather in the table's dtype, then convert: torch's mixed-dtype kernels are several times slower.
-    stored = _scratch(name + "-stored", shape, table.dtype)
+    stored = scratch(name + "-stored", shape, table.dtype)
     torch.index_select(table, 0, ids.reshape(-1), out=stored)
     return rows.copy_(stored)
 
@@ -531,9 +506,16 @@ class _Screener:
         if self.fused:
             # A behaviour screened 2 x error below a k-th best screened score is below the k-th
             # exact one; the 1% more keeps the proof's inequality strict.
+            n_users, n_cands = unit_cands.shape[:2]
+            out = (
+                scratch("fused-screened", (n_users, n_cands, keep), torch.float32),
+                scratch("fused-positions", (n_users, n_cands, keep), torch.int64),
+                scratch("fused-bound", (n_users, n_cands), torch.float32),
+                scratch("fused-valid", (n_users,), torch.int64),
+            )
             screened, positions, bound, _ = native.screen_topk(
                 self.prep.screen, unit_cands, history, lengths, keep, k, 2.02 * absolute,
-                sample_every=native.sampled_start(k, unit_cands.shape[1]) if sampled else 0,
+                sample_every=native.sampled_start(k, n_cands) if sampled else 0, out=out,
             )
             # Complete when nothing eligible was left out, or when whatever was (screened at most
             # `bound`, so exactly at most bound + error) scores below the k-th exact survivor:
@@ -659,14 +641,14 @@ class _Screener:
         n_users, n = ids.shape
         dim, n_cands = cands.shape[1], cands.shape[2]
         valid = (ids != 0) & (torch.arange(offset, offset + n) < lengths.unsqueeze(1))
-        screen_rows = _scratch("screen-rows", (n_users * n, dim), torch.bfloat16)
+        screen_rows = scratch("screen-rows", (n_users * n, dim), torch.bfloat16)
         if self.prep is not None and self.prep.screen is not None:
             torch.index_select(self.prep.screen, 0, ids.reshape(-1), out=screen_rows)
             valid &= self.prep.inv_norm[ids] > 0
         else:
             valid &= self._normalise_rows(ids.reshape(-1), screen_rows).view(n_users, n)
         # Row-major scores [Bb, n, C]: this product runs ~1.6x faster than the candidate-major one.
-        scores = _scratch("screen-scores", (n_users, n, n_cands), torch.bfloat16)
+        scores = scratch("screen-scores", (n_users, n, n_cands), torch.bfloat16)
         torch.bmm(screen_rows.view(n_users, n, dim), cands, out=scores)
         return scores, valid
 

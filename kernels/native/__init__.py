@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.scratch import scratch
+
 __all__ = ["available", "rescore_topk", "screen_topk", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("screen_amx.c")
@@ -158,6 +160,7 @@ def screen_topk(
     window: float,
     sample_every: int = 0,
     threads: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Survivors per (user, candidate) by bf16 cosine, in one fused pass: at most the best `keep`,
     and none more than `window` below the k-th best.
@@ -179,6 +182,9 @@ def screen_topk(
             threads, a user's history is split into pieces of at least MIN_SPLIT_ROWS rows, and
             where that leaves threads idle (shorter histories) its candidates into ranges of 32
             (each range gathers the rows again, which a short history makes cheap).
+        out: contiguous tensors of the returned shapes and dtypes to write into (a caller's
+            reused buffers: at B = 100, C = 1,000 the outputs are 180 MB, and fresh ones fault in
+            page by page), else new ones.
 
     Returns:
         scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, unordered,
@@ -199,10 +205,13 @@ def screen_topk(
     if history.stride(1) != 1:
         history = history.contiguous()
     lengths = lengths.to(torch.int64).contiguous()
-    scores = torch.empty(n_users, n_cands, keep)
-    positions = torch.empty(n_users, n_cands, keep, dtype=torch.int64)
-    bound = torch.empty(n_users, n_cands)
-    n_valid = torch.empty(n_users, dtype=torch.int64)
+    shapes = ((n_users, n_cands, keep), (n_users, n_cands, keep), (n_users, n_cands), (n_users,))
+    dtypes = (torch.float32, torch.int64, torch.float32, torch.int64)
+    if out is None:
+        out = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
+    elif any(t.shape != shape or t.dtype != dtype or not t.is_contiguous() for t, shape, dtype in zip(out, shapes, dtypes)):
+        raise ValueError(f"screen_topk: `out` must be contiguous tensors of shapes {shapes} and dtypes {dtypes}")
+    scores, positions, bound, n_valid = out
     threads = threads or torch.get_num_threads()
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
     cand_splits = max(1, math.ceil(threads / (n_users * splits)))
@@ -222,7 +231,7 @@ def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
     up to 32 (the tile products take candidates 16 at a time and dims 32 at a time)."""
     n_users, n_cands, dim = unit_cands.shape
     dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 16) * 16
-    padded = torch.zeros(n_users, cand_pad, dim_pad, dtype=torch.bfloat16)
+    padded = scratch("screen-candidates", (n_users, cand_pad, dim_pad), torch.bfloat16).zero_()
     padded[:, :n_cands, :dim] = unit_cands
     return padded, cand_pad
 

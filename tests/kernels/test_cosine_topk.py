@@ -8,6 +8,7 @@ import kernels.cpu_topk as cpu_topk
 from kernels import cosine_topk, native
 from kernels.cosine_topk import jagged_to_padded
 from kernels.reference import cosine_topk_reference
+from kernels.scratch import drop_scratch
 from topk_checks import assert_valid_topk, make_table, sampled_copies_history
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
@@ -81,7 +82,7 @@ def test_calls_inside_and_outside_inference_mode_share_buffers(n_cands, force_sc
     # The reusable buffers outlive the call: one made under inference_mode must stay writable.
     table = make_table(300, 24, torch.float16)
     candidates, history, lengths = random_batch(300, 2, 120, n_cands, [120, 60])
-    cpu_topk._SCRATCH.__dict__.clear()  # this thread's buffers are then made inside inference mode
+    drop_scratch()  # this thread's buffers are then made inside inference mode
     with torch.inference_mode():
         inside = cosine_topk(table, candidates, history, lengths, 10)
     outside = cosine_topk(table, candidates, history, lengths, 10)
