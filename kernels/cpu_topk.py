@@ -152,11 +152,13 @@ def _unit_candidates(
     arithmetic of the bf16 copy: its rounding error is then the one measured for that row at
     preparation. (Indexing [B, C] ids, converting and normalising anew took 48 ms of a 300 ms call
     at B = 100, C = 1,000: advanced indexing is 10x slower than index_select here, and the
-    round trip through bf16 to measure the error made three more [B, C, D] tensors.)"""
+    round trip through bf16 to measure the error made three more [B, C, D] tensors.) The vectors
+    live in this thread's scratch buffer "unit-candidates" until its next call."""
     if prep is None:
         return _unit(table[candidates].float()), None
     ids = candidates.reshape(-1)
-    unit = table.index_select(0, ids).float().mul_(prep.inv_norm.index_select(0, ids).unsqueeze(1))
+    unit = scratch("unit-candidates", (ids.numel(), table.shape[1]), torch.float32)
+    unit.copy_(table.index_select(0, ids)).mul_(prep.inv_norm.index_select(0, ids).unsqueeze(1))
     cand_error = float(prep.row_error.index_select(0, ids).max()) if prep.row_error is not None and ids.numel() else None
     return unit.view(*candidates.shape, table.shape[1]), cand_error
 
