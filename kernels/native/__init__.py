@@ -144,9 +144,9 @@ MIN_SAMPLED_CANDIDATES = 64
 def sampled_start(k: int, n_cands: int) -> int:
     """`sample_every` for a first screen for the top-k of n_cands candidates: one row in k. At
     least 8 sampled behaviours reach the sampled value, so at least as many of a piece's
-    behaviours reach it as reach the 8th best of a sample of one in k: about Gamma(8) x k of them,
-    fewer than k with probability ~1e-5 whatever the scores (22 x k on average). 0 (thresholds
-    from -inf) for small k or few candidates, where the sample would cost more than it saves."""
+    behaviours reach it as reach the 8th best of a sample of one in k: about Gamma(8) x k of them
+    or more, fewer than k with probability ~1e-5 whatever the scores. 0 (thresholds from -inf)
+    for small k or few candidates, where the sample would cost more than it saves."""
     return k if k >= MIN_SAMPLE_EVERY and n_cands >= MIN_SAMPLED_CANDIDATES else 0
 
 

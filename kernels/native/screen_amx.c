@@ -102,7 +102,7 @@ typedef struct {
 typedef struct {
     uint32_t *rows;     /* [2, 2, dim_pad / 32, 16, 16] gathered rows in pair layout, double buffered */
     float *tiles;       /* [2, 4, 16, 16] scores of one block of (up to) 32 candidates, double buffered */
-    float *lane_best;   /* [n_cands, 16] the sample's best score per candidate and lane */
+    float *lane_best;   /* [n_cands, 2, 16] the sample's two best scores per candidate and lane */
     float *threshold;   /* [n_cands] */
     float *scores;      /* [n_cands, capacity + SLACK] */
     int32_t *positions; /* [n_cands, capacity + SLACK] */
@@ -415,22 +415,23 @@ static inline void score_unit(const Job *job, const uint16_t *cands, int64_t til
     }
 }
 
-/* Lanes of a candidate's best-per-lane vector folded into this many behaviours' bests. */
+/* The sampled value is reached by at least this many sampled behaviours. */
 #define SAMPLE_BESTS 8
 
-/* Starting thresholds of candidates [tile_begin * 16, c_last) for rows [start, end) of one user, from a
- * sample of the rows: every job->sample_every-th row is scored, and each candidate keeps its best
- * score per lane; folded to SAMPLE_BESTS maxima over disjoint sets of sampled behaviours, the
- * lowest of them is reached by at least SAMPLE_BESTS sampled behaviours, so by about
- * SAMPLE_BESTS x sample_every or more of the range's (the count above a sample's 8th best,
- * whatever the scores' distribution), ~22 x sample_every on average. The threshold starts a
- * window below that value. That keeps the caller's proof of completeness (kernels/cpu_topk.py)
+/* Starting thresholds of candidates [tile_begin * 16, c_last) for rows [start, end) of one user,
+ * from a sample of the rows: every job->sample_every-th row is scored, and each candidate keeps
+ * its two best scores per lane (32 different behaviours); the SAMPLE_BESTS-th best of those 32
+ * (at most the sample's own SAMPLE_BESTS-th best, usually it) is reached by at least
+ * SAMPLE_BESTS sampled behaviours, so by about SAMPLE_BESTS x sample_every or more of the range's
+ * (the count above a sample's 8th best, whatever the scores' distribution). The threshold starts
+ * a window below that value. That keeps the caller's proof of completeness (kernels/cpu_topk.py)
  * whenever at least k behaviours of the user screen at or above it: the k-th best screened is
  * then at least the value, and a behaviour left out screened more than twice the error below
  * it. Where fewer do (a rare sample), the proof fails and the caller screens again without one.
  * Why: a threshold that starts at -inf takes every early row of a piece. At L = 100K, C = 100 on
- * random rows the sample (2% more rows) halves the hits and the cuts (141K -> 72K, 1,765 -> 812);
- * the (candidate, group) events with a hit fall less (65K -> 59K), since late hits come alone. */
+ * random rows the sample (2% more rows) halves the hits and the cuts (141K -> 72K, 1,765 -> 812,
+ * with the lowest of 8 lane maxima as the value; the two best per lane then took the hits to
+ * 53K); the (candidate, group) events with a hit fall less, since late hits come alone. */
 static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids, int64_t start, int64_t end,
                               int64_t tile_begin, int64_t tile_end, int64_t c_last, const uint16_t *cands) {
     const int64_t every = job->sample_every;
@@ -439,7 +440,10 @@ static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids,
     if (!sampled) return;  /* thresholds stay at -inf: slower, same result */
     for (int64_t j = 0; j < n_sampled; j++) sampled[j] = ids[start + j * every];
     const __m512 low = _mm512_set1_ps(-INFINITY);
-    for (int64_t c = tile_begin * 16; c < c_last; c++) _mm512_store_ps(ws->lane_best + c * 16, low);
+    for (int64_t c = tile_begin * 16; c < c_last; c++) {
+        _mm512_store_ps(ws->lane_best + c * 32, low);
+        _mm512_store_ps(ws->lane_best + c * 32 + 16, low);
+    }
     Fetch fetch = {sampled, 0, 0, 0};
     for (; fetch.next < n_sampled && fetch.next < PREFETCH_GROUPS * GROUP_ROWS; fetch.next++) prefetch_row(job, sampled[fetch.next]);
     for (int64_t g = 0; g < n_sampled; g += GROUP_ROWS) {
@@ -453,17 +457,28 @@ static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids,
             const int64_t c1 = tile * 16 + 32 < c_last ? tile * 16 + 32 : c_last;
             for (int64_t c = tile * 16; c < c1; c++) {
                 const float *row = ws->tiles + ((c - tile * 16) / 16) * 512 + (c & 15) * 16;
-                const __m512 best = _mm512_max_ps(_mm512_mask_load_ps(low, valid0, row), _mm512_mask_load_ps(low, valid1, row + 256));
-                _mm512_store_ps(ws->lane_best + c * 16, _mm512_max_ps(_mm512_load_ps(ws->lane_best + c * 16), best));
+                __m512 first = _mm512_load_ps(ws->lane_best + c * 32), second = _mm512_load_ps(ws->lane_best + c * 32 + 16);
+                const __m512 v0 = _mm512_mask_load_ps(low, valid0, row), v1 = _mm512_mask_load_ps(low, valid1, row + 256);
+                second = _mm512_max_ps(second, _mm512_min_ps(first, v0));
+                first = _mm512_max_ps(first, v0);
+                second = _mm512_max_ps(second, _mm512_min_ps(first, v1));
+                first = _mm512_max_ps(first, v1);
+                _mm512_store_ps(ws->lane_best + c * 32, first);
+                _mm512_store_ps(ws->lane_best + c * 32 + 16, second);
             }
         }
     }
     free(sampled);
     for (int64_t c = tile_begin * 16; c < c_last; c++) {
-        const __m512 best = _mm512_load_ps(ws->lane_best + c * 16);
-        /* lane l and lane l + 8 (SAMPLE_BESTS) hold disjoint behaviours: their max is one of 8 bests */
-        const __m512 folded = _mm512_max_ps(best, _mm512_shuffle_f32x4(best, best, 0x4E));
-        const float value = _mm512_mask_reduce_min_ps(0x00FF, folded);
+        const float *bests = ws->lane_best + c * 32;
+        const __m512 first = _mm512_load_ps(bests), second = _mm512_load_ps(bests + 16);
+        float value = -INFINITY;  /* the largest of the 32 that SAMPLE_BESTS of them reach */
+        for (int i = 0; i < 32; i++) {
+            const __m512 x = _mm512_set1_ps(bests[i]);
+            const int reach = __builtin_popcount(_mm512_cmp_ps_mask(first, x, _CMP_GE_OQ)) +
+                              __builtin_popcount(_mm512_cmp_ps_mask(second, x, _CMP_GE_OQ));
+            if (reach >= SAMPLE_BESTS && bests[i] > value) value = bests[i];
+        }
         if (value > -INFINITY) ws->threshold[c] = value - job->window;
     }
 }
@@ -592,7 +607,7 @@ static void *worker(void *arg) {
     size_t rows_bytes = (size_t)2 * 2 * (job->dim_pad / 32) * 256 * sizeof(uint32_t);
     ws.rows = aligned_alloc(64, rows_bytes);
     ws.tiles = aligned_alloc(64, (size_t)2 * 1024 * sizeof(float));
-    ws.lane_best = aligned_alloc(64, (size_t)n_cands * 16 * sizeof(float));
+    ws.lane_best = aligned_alloc(64, (size_t)n_cands * 32 * sizeof(float));
     ws.threshold = malloc((size_t)n_cands * sizeof(float));
     ws.scores = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(float));
     ws.positions = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(int32_t));
