@@ -322,26 +322,52 @@ static uint32_t gather_group(const Job *job, const int64_t *ids, int64_t first, 
     return valid;
 }
 
+/* Bit c set where candidate c (< n) of a tile of 16 scores a row above threshold[c]: tile
+ * [2, 16, 16] (row block, candidate, row), rows outside valid0 / valid1 left out. The 16 candidates' maxima
+ * over their 32 rows are reduced across lanes together, by shuffles between pairs of vectors
+ * (4 levels), and compared with one vector of thresholds: ~5 instructions a candidate, where a
+ * compare, a mask test, a shift and an or per candidate took ~9. */
+static inline __mmask16 marks16(const float *tile, const float *threshold, int64_t n, __mmask16 valid0, __mmask16 valid1) {
+    /* rows of an ineligible lane score as -inf in the max: zero rows score 0, which a threshold below 0 would take */
+    const __m512 low = _mm512_set1_ps(-INFINITY);
+    __m512 m[16];
+    for (int c = 0; c < 16; c++)
+        m[c] = _mm512_max_ps(_mm512_mask_load_ps(low, valid0, tile + c * 16), _mm512_mask_load_ps(low, valid1, tile + 256 + c * 16));
+    /* 16 -> 8: quarters 0-1 of p[i] hold candidate i's partial maxima, 2-3 candidate i + 8's */
+    __m512 p[8];
+    for (int i = 0; i < 8; i++)
+        p[i] = _mm512_max_ps(_mm512_shuffle_f32x4(m[i], m[i + 8], 0x44), _mm512_shuffle_f32x4(m[i], m[i + 8], 0xEE));
+    /* 8 -> 4: quarters of q[i] hold candidates i, i + 8, i + 4, i + 12 (4 partials each) */
+    __m512 q[4];
+    for (int i = 0; i < 4; i++)
+        q[i] = _mm512_max_ps(_mm512_shuffle_f32x4(p[i], p[i + 4], 0x88), _mm512_shuffle_f32x4(p[i], p[i + 4], 0xDD));
+    /* 4 -> 2 -> 1, inside quarters: lane 4j + (0, 1, 2, 3) of r ends up with candidate
+     * (a, a + 2, a + 1, a + 3) for a = 0, 8, 4, 12 in quarters j = 0..3 */
+    const __m512 s0 = _mm512_max_ps(_mm512_shuffle_ps(q[0], q[2], 0x44), _mm512_shuffle_ps(q[0], q[2], 0xEE));
+    const __m512 s1 = _mm512_max_ps(_mm512_shuffle_ps(q[1], q[3], 0x44), _mm512_shuffle_ps(q[1], q[3], 0xEE));
+    const __m512 r = _mm512_max_ps(_mm512_shuffle_ps(s0, s1, 0x88), _mm512_shuffle_ps(s0, s1, 0xDD));
+    /* lane l of r is candidate order[l]; the order is its own inverse */
+    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    const __mmask16 lanes = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+    return _mm512_mask_cmp_ps_mask(lanes, _mm512_permutexvar_ps(order, r), _mm512_maskz_loadu_ps(lanes, threshold), _CMP_GT_OQ);
+}
+
 /* Appends, for candidates [c_begin, c_end) (at most 32, from a multiple of 16), the rows of one
  * scored group above their thresholds. tiles: [4, 16, 16]: tile 2t + b holds candidates
  * c_begin + t * 16 + 0..15 (tile rows) x group rows first + b * 16 + 0..15 (lanes).
- * Two passes: one compare per candidate (of the larger of its two row blocks) marks those with a
- * hit in a register, without a branch or a store; then the marked ones (few, once thresholds
- * have settled) are compared again in full and their hits appended. A branch per candidate on
+ * Two passes: `marks16` marks the candidates with a hit, without a branch or a store; then the
+ * marked ones (few, once thresholds have settled) are compared again in full and their hits
+ * appended. A branch per candidate on
  * "any hit" was mispredicted on most hits (a candidate's hits thin out along the history, so
  * the branch is taken at no steady rate), ~20 cycles each time. */
 static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint32_t valid, int64_t first,
                         int64_t c_begin, int64_t c_end) {
     const int64_t capacity = job->capacity;
     const __mmask16 valid0 = (__mmask16)(valid & 0xFFFF), valid1 = (__mmask16)(valid >> 16);
-    /* rows of an ineligible lane score as -inf in the max: zero rows score 0, which a threshold below 0 would take */
-    const __m512 low = _mm512_set1_ps(-INFINITY);
     uint32_t marked = 0;
-    for (int64_t c = c_begin; c < c_end; c++) {
-        const float *row = tiles + ((c - c_begin) / 16) * 512 + (c & 15) * 16;
-        const __m512 best = _mm512_max_ps(_mm512_mask_load_ps(low, valid0, row), _mm512_mask_load_ps(low, valid1, row + 256));
-        marked |= (uint32_t)(_mm512_cmp_ps_mask(best, _mm512_set1_ps(ws->threshold[c]), _CMP_GT_OQ) != 0) << (c - c_begin);
-    }
+    for (int64_t t = 0; 16 * t < c_end - c_begin; t++)
+        marked |= (uint32_t)marks16(tiles + t * 512, ws->threshold + c_begin + 16 * t, c_end - c_begin - 16 * t,
+                                    valid0, valid1) << (16 * t);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i at0 = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)first));
     const __m512i at1 = _mm512_add_epi32(at0, _mm512_set1_epi32(16));
