@@ -853,13 +853,15 @@ static void sort_descending(const int64_t *keys, int64_t n, int64_t *out) {
 }
 
 /* The survivors of one (user, candidate) pair, ready for the exact re-scoring: those inside the
- * user's length with a non-zero id, their screened scores, positions and ids, best screened
- * first. */
+ * user's length with a non-zero id, their screened scores, positions and ids; first the `firsts`
+ * best screened (k of them, more where scores tie at the cut; in no order), then the rest, best
+ * screened first. `cut`: the lowest screened score among the firsts (-inf when all are firsts). */
 typedef struct {
     float *screened;
     int32_t *position;
     int64_t *id;
-    int64_t n;
+    int64_t n, firsts;
+    float cut;
 } Survivors;
 
 static int descending_keys(const void *a, const void *b) {
@@ -867,30 +869,51 @@ static int descending_keys(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-/* keys: scratch of 2 m. Sorted by a count per key of the keys above it where there are few
- * (the usual ~100; no data-dependent branch), by qsort where a regrown screen kept thousands. */
+/* keys: scratch of 2 m. The k best are found by a cut on counts (`find_cut`) and left unordered,
+ * since the first round scores them all; only the rest, where the second round stops at the first
+ * that cannot reach the k-th, is sorted: by a count per key of the keys above it where there are
+ * few (no data-dependent branch), by qsort where a regrown screen kept thousands. (Sorting every
+ * survivor by the count was ~1K of the ~7K cycles a pair with 1,000 behaviours.) */
 static void list_survivors(Survivors *list, const float *screened, const int64_t *pos, int64_t m, int64_t length,
-                           const int64_t *ids, int64_t *keys) {
+                           const int64_t *ids, int64_t k, int64_t *keys) {
+    float *values = list->screened;  /* the eligible scores, in slot order, until they are listed */
     int64_t n = 0;
     for (int64_t j = 0; j < m; j++) {
         const int64_t p = pos[j];
         if (p < 0 || p >= length || ids[p] == 0) continue;
-        keys[n++] = (int64_t)order_key(screened[j]) * 4294967296LL + j;
+        values[n] = screened[j];
+        keys[n++] = j;
     }
-    int64_t *sorted = keys + m;
-    if (n <= 256) {
-        sort_descending(keys, n, sorted);
+    const float cut = n > k ? key_value(find_cut(values, n, k, 0)) : -INFINITY;
+    int64_t firsts = 0, rest = 0;
+    int64_t *rest_keys = keys + m;
+    for (int64_t i = 0; i < n; i++) {  /* in place (firsts <= i) and without a branch on the data */
+        const int64_t j = keys[i];
+        const float a = values[i];
+        const int take = a >= cut;
+        list->screened[firsts] = a;
+        list->position[firsts] = (int32_t)pos[j];
+        list->id[firsts] = ids[pos[j]];
+        firsts += take;
+        rest_keys[rest] = (int64_t)order_key(a) * 4294967296LL + j;
+        rest += !take;
+    }
+    int64_t *sorted = keys;  /* the slots are read: their room takes the sorted rest */
+    if (rest <= 256) {
+        sort_descending(rest_keys, rest, sorted);
     } else {
-        memcpy(sorted, keys, (size_t)n * sizeof(int64_t));
-        qsort(sorted, (size_t)n, sizeof(int64_t), descending_keys);
+        memcpy(sorted, rest_keys, (size_t)rest * sizeof(int64_t));
+        qsort(sorted, (size_t)rest, sizeof(int64_t), descending_keys);
     }
-    for (int64_t r = 0; r < n; r++) {
+    for (int64_t r = 0; r < rest; r++) {
         const int64_t j = sorted[r] & 0xFFFFFFFFLL;
-        list->screened[r] = screened[j];
-        list->position[r] = (int32_t)pos[j];
-        list->id[r] = ids[pos[j]];
+        list->screened[firsts + r] = screened[j];
+        list->position[firsts + r] = (int32_t)pos[j];
+        list->id[firsts + r] = ids[pos[j]];
     }
     list->n = n;
+    list->firsts = firsts;
+    list->cut = cut;
 }
 
 /* Exact top-k of each (user, candidate) among its survivors, re-scoring only those that can be in it.
@@ -901,10 +924,10 @@ static void list_survivors(Survivors *list, const float *screened, const int64_t
  * screened at most this (-inf: none was). A survivor is eligible when inside the user's length,
  * its id is not 0 and its row is not zero.
  *
- * Survivors are listed best screened first. In two rounds: the k best are scored exactly
- * (`exact_score`, the table's own values as float32) and their k-th exact score is a lower bound
- * of the final k-th; then the others, in order, while their screened score plus its error reaches
- * that bound (it only rises): the first that does not ends the pair. On random rows that reads
+ * In two rounds (`list_survivors`): the k best screened are scored exactly (`exact_score`, the
+ * table's own values as float32) and their k-th exact score is a lower bound of the final k-th;
+ * then the others, best screened first, while their screened score plus its error reaches that
+ * bound (it only rises): the first that does not ends the pair. On random rows that reads
  * ~60 rows per pair, random rows of the table.
  * Ranked by the key (order-preserving int32 of the score) << 32 | position, the order of
  * kernels/_keys.py: highest score first, ties toward the more recent behaviour.
@@ -940,7 +963,7 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                 const int64_t user = bc / n_cands;
                 if (listed != bc)
                     list_survivors(&lists[bc & 1], screened + bc * m, positions + bc * m, m, lengths[user],
-                                   history + user * hist_stride, keys);
+                                   history + user * hist_stride, k, keys);
                 const Survivors *list = &lists[bc & 1];
                 /* list the next pair now: its rows are prefetched, one per survivor visited here */
                 Survivors *next = &lists[(bc + 1) & 1];
@@ -949,16 +972,16 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                 if (bc + 1 < pairs) {
                     const int64_t next_user = (bc + 1) / n_cands;
                     list_survivors(next, screened + (bc + 1) * m, positions + (bc + 1) * m, m, lengths[next_user],
-                                   history + next_user * hist_stride, keys);
-                    const double kth = next->n > k ? next->screened[k - 1] : -INFINITY;
-                    next_from = kth - 2 * (eps_abs + eps_rel * fabs(kth));
+                                   history + next_user * hist_stride, k, keys);
+                    const double kth = next->cut;  /* -inf: every survivor is a first, all read */
+                    next_from = kth == -INFINITY ? -INFINITY : kth - 2 * (eps_abs + eps_rel * fabs(kth));
                     listed = bc + 1;
                 }
                 const float *cand = cands + bc * dim;
                 TopK best = {top, 0, k, INT64_MIN, 0};
                 double floor = -INFINITY;  /* lower bound of the final k-th score, once round 0 is done */
                 /* round 0: the k best screened; round 1: the rest, while they can still reach the k-th */
-                const int64_t firsts = list->n < k ? list->n : k;
+                const int64_t firsts = list->firsts;
                 for (int round = 0; round < 2; round++) {
                     for (int64_t j = round == 0 ? 0 : firsts; j < (round == 0 ? firsts : list->n); j++) {
                         /* the next pair's likely rows (a prefix: sorted too), one per survivor visited */
