@@ -111,8 +111,10 @@ def _check(
         )
     if lengths is not None and tuple(lengths.shape) != (history.shape[0],):
         raise ValueError(f"cosine_topk: `lengths` must be [{history.shape[0]}], got shape {tuple(lengths.shape)}")
-    if lengths is not None and lengths.numel() and bool(((lengths < 0) | (lengths > history.shape[1])).any()):
-        raise ValueError(f"cosine_topk: `lengths` must lie in [0, {history.shape[1]}] (the history width)")
+    if lengths is not None and lengths.numel():
+        low, high = (int(v) for v in torch.aminmax(lengths))
+        if low < 0 or high > history.shape[1]:
+            raise ValueError(f"cosine_topk: `lengths` must lie in [0, {history.shape[1]}] (the history width)")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"cosine_topk: `k` must be a positive int, got {k!r}")
     for name, ids in (("candidates", candidates), ("history", history)):

@@ -205,12 +205,12 @@ def cosine_topk_cpu(
         return torch.full((batch, n_cands, k), float("-inf")), torch.full((batch, n_cands, k), -1, dtype=torch.int64)
 
     lengths = lengths.clamp(0, length)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
     # Users already longest first (one user, or a sorted batch): blocks are runs of rows, taken
     # as views, and a single block's results are the output itself (each index op costs ~10 us,
     # a tenth of a 100K x 100 call's time in torch ops).
     in_order = batch == 1 or bool((lengths[1:] <= lengths[:-1]).all())
+    order = None if in_order else torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = (lengths if in_order else lengths[order]).tolist()
     plans = []  # (block users, block length, chunk rows, screened)
     start = 0
     while start < batch and sorted_lengths[start] > 0:
