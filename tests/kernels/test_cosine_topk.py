@@ -405,3 +405,16 @@ def test_candidate_vectors_share_the_bf16_copys_arithmetic(dtype):
     assert cand_error == pytest.approx(measured, rel=1e-5)
     expected = torch.nn.functional.normalize(table[candidates].float(), dim=-1)
     torch.testing.assert_close(unit, expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_histories_with_many_candidates_match_the_reference(dtype):
+    # 40 candidates x k = 10 survivors cover histories of 200-300 rows: the fused path reads each
+    # such history whole before re-scoring its pairs; lengths differ, with padding and id 0 inside.
+    table = make_table(2_000, 32, dtype)
+    candidates, history, lengths = random_batch(2_000, 3, 300, 40, [300, 200, 257], seed=4, pad_prob=0.05)
+    fast = cosine_topk(table, candidates, history, lengths, 10, impl="cpu")
+    ref = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert_valid_topk(table, candidates, history, lengths, 10, fast[0], fast[1])
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
