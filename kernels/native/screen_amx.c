@@ -544,7 +544,8 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         ws->count[c] = 0;
         ws->limit[c] = 2 * job->k < capacity ? 2 * job->k : capacity;
     }
-    if (job->sample_every > 0 && (end - start) / job->sample_every >= 2 * GROUP_ROWS)
+    /* from 16 sampled rows on (B = 100, L = 1,000, C = 1,000: 221 -> 214 ms against 64) */
+    if (job->sample_every > 0 && (end - start) / job->sample_every >= 16)
         sample_thresholds(job, ws, ids, start, end, tile_begin, tile_end, c_last, cands);
     Fetch fetch = {ids, start, end, per_step};
     for (; fetch.next < start + PREFETCH_GROUPS * GROUP_ROWS && fetch.next < end; fetch.next++) prefetch_row(job, ids[fetch.next]);
@@ -662,7 +663,7 @@ static void *worker(void *arg) {
  * and merged here. Each candidate keeps at most `keep` survivors, none more than `window` below
  * its k-th best screened score (window = infinity: `keep` alone decides). sample_every > 0 (with a
  * finite window): each range's thresholds start from a sample of one row in sample_every
- * (`sample_thresholds`; a range too short for 64 sampled rows starts from -inf). */
+ * (`sample_thresholds`; a range too short for 16 sampled rows starts from -inf). */
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
