@@ -509,6 +509,19 @@ static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids,
     }
 }
 
+/* A candidate's survivors scores[0, n), positions[0, n) into its `keep` output slots, the rest
+ * -inf / -1, 16 slots at a time. */
+static void write_survivors(const float *scores, const int32_t *positions, int64_t n, int64_t keep,
+                            float *out_scores, int64_t *out_positions) {
+    for (int64_t e = 0; e < keep; e += 16) {
+        const __mmask16 lanes = entry_lanes(keep, e), taken = lanes & entry_lanes(n > e ? n : e, e);
+        _mm512_mask_storeu_ps(out_scores + e, lanes, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), taken, scores + e));
+        const __m512i p = _mm512_mask_loadu_epi32(_mm512_set1_epi32(-1), taken, positions + e);
+        _mm512_mask_storeu_epi64(out_positions + e, (__mmask8)lanes, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(p)));
+        _mm512_mask_storeu_epi64(out_positions + e + 8, (__mmask8)(lanes >> 8), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(p, 1)));
+    }
+}
+
 /* Scores rows [start, end) of one user and keeps their survivors (see the file comment).
  * Candidates are taken 32 at a time (a last odd tile of 16 alone), as 2 x 2 tile products.
  * A software pipeline: the next group is gathered before this one is scored, because a tile
@@ -595,12 +608,8 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         if (job->direct) {
             /* the user's only row range: these are its final survivors (a serial merge of every
              * pair after the parallel part took ~40% of the screen with 100 users of 1,000 rows) */
-            float *os = job->out_scores + (user * n_cands + c) * keep;
-            int64_t *op = job->out_positions + (user * n_cands + c) * keep;
-            for (int64_t e = 0; e < keep; e++) {
-                os[e] = e < n ? cs[e] : -INFINITY;
-                op[e] = e < n ? cp[e] : -1;
-            }
+            write_survivors(cs, cp, n, keep, job->out_scores + (user * n_cands + c) * keep,
+                            job->out_positions + (user * n_cands + c) * keep);
             job->out_bound[user * n_cands + c] = bound;
         } else {
             memcpy(job->item_scores + (item * n_cands + c) * keep, cs, (size_t)n * sizeof(float));
@@ -768,12 +777,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
             bound = cut > bound ? cut : bound;
             /* a piece keeps what lies above its own bound, which can be below another piece's */
             drop_below(merged, merged_pos, &n, bound);
-            float *os = out_scores + (u * n_cands + c) * keep;
-            int64_t *op = out_positions + (u * n_cands + c) * keep;
-            for (int64_t e = 0; e < keep; e++) {
-                os[e] = e < n ? merged[e] : -INFINITY;
-                op[e] = e < n ? merged_pos[e] : -1;
-            }
+            write_survivors(merged, merged_pos, n, keep, out_scores + (u * n_cands + c) * keep,
+                            out_positions + (u * n_cands + c) * keep);
             out_bound[u * n_cands + c] = bound;
         }
     }
