@@ -926,6 +926,12 @@ static void list_survivors(Survivors *list, const float *screened, const int64_t
  * rows, is read whole before its pairs (see `warm_history`). */
 #define WARM_HISTORY_BYTES (512 << 10)
 
+/* Whether a history of `length` rows is read whole before its pairs: it fits the budget, and
+ * its n_cands x k survivors (at most) can cover it. */
+static inline int read_whole(int64_t length, int64_t row_bytes, int64_t n_cands, int64_t k) {
+    return length * row_bytes <= WARM_HISTORY_BYTES && n_cands * k >= length;
+}
+
 /* Reads every row of a user's history (and its reciprocal norm) with plain loads, into the cache
  * for the pairs that follow: their survivors cover nearly every row, and each row, first read by
  * whichever pair needed it, was a miss that pair waited on, one at a time (~half of the
@@ -970,7 +976,6 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                       float *out_scores, int64_t *out_positions, int8_t *out_proven) {
     const int64_t pairs = n_users * n_cands;
     const int64_t row_bytes = dim * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
-#define warms(u) (lengths[u] * row_bytes <= WARM_HISTORY_BYTES && n_cands * k >= lengths[u])
     int status = 0;
 #pragma omp parallel num_threads((int)n_threads)
     {
@@ -988,12 +993,12 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
 #pragma omp for schedule(static)
             for (int64_t bc = 0; bc < pairs; bc++) {
                 const int64_t user = bc / n_cands;
-                if (user != warmed && warms(user)) {
+                if (user != warmed && read_whole(lengths[user], row_bytes, n_cands, k)) {
                     warm_history(table, row_bytes, inv_norm, history + user * hist_stride, lengths[user]);
                     warmed = user;
                 }
                 /* a warm next pair needs no prefetch of its rows */
-                const int next_warm = bc + 1 < pairs && warms((bc + 1) / n_cands);
+                const int next_warm = bc + 1 < pairs && read_whole(lengths[(bc + 1) / n_cands], row_bytes, n_cands, k);
                 if (listed != bc)
                     list_survivors(&lists[bc & 1], screened + bc * m, positions + bc * m, m, lengths[user],
                                    history + user * hist_stride, k, keys);
