@@ -10,7 +10,14 @@
  *   both      the two interleaved as in the screen (a group gathered, the previous one scored,
  *             the prefetches spread between the tile products);
  *   fma       a vector-FMA loop of similar length alone, and fma_tiles: the same FMAs between
- *             the tile products, to show that arithmetic does overlap them.
+ *             the tile products, to show that arithmetic does overlap them;
+ *   prefetch  the screen's prefetches of every row alone (no loads of the rows), and
+ *             prefetch_tiles: the same prefetches spread between the tile products, again without
+ *             the gather: what the memory requests alone do to the tile products;
+ *   products  the tile products with each unit's operand tiles loaded once instead of before
+ *             every product (wrong sums, the same products), alone, and prefetch_products: with
+ *             the prefetches between them: whether the tile loads are what waits while the
+ *             misses are outstanding.
  * Prints one line of JSON: best of `repeats` seconds for each. Built and run by gsu_overlap.py. */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -59,18 +66,21 @@ static __m512 fma_work(int steps, __m512 acc) {
 
 /* One group (32 rows) against every candidate tile, 2 x 2 blocks; `fma_steps` of FMAs after each
  * pair; rows [fetch, fetch + 32) are prefetched a few at a time between the tile products when
- * fetch >= 0, as the screen does. */
-static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64_t fetch) {
+ * fetch >= 0, as the screen does; `reload` 0: the operand tiles are loaded for a unit's first
+ * slice only. */
+static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64_t fetch, int reload) {
     const int steps = n_tiles / 2 * (DIM / 32), per_step = (32 + steps - 1) / steps;
     int64_t fetched = 0;
     for (int t = 0; t < n_tiles; t += 2) {
         const uint16_t *a0 = cands + t * 16 * DIM, *a1 = a0 + 16 * DIM;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int kk = 0; kk < DIM / 32; kk++) {
-            _tile_loadd(4, a0 + kk * 32, DIM * 2);
-            _tile_loadd(5, a1 + kk * 32, DIM * 2);
-            _tile_loadd(6, rows + kk * 256, 64);
-            _tile_loadd(7, rows + (4 + kk) * 256, 64);
+            if (reload || kk == 0) {
+                _tile_loadd(4, a0 + kk * 32, DIM * 2);
+                _tile_loadd(5, a1 + kk * 32, DIM * 2);
+                _tile_loadd(6, rows + kk * 256, 64);
+                _tile_loadd(7, rows + (4 + kk) * 256, 64);
+            }
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
@@ -87,7 +97,7 @@ static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64
     return acc;
 }
 
-enum { GATHER, TILES, BOTH, FMA, FMA_TILES, MODES };
+enum { GATHER, TILES, BOTH, FMA, FMA_TILES, PREFETCH, PREFETCH_TILES, PRODUCTS, PREFETCH_PRODUCTS, MODES };
 
 /* Seconds of one pass of `mode` over the history. */
 static double run(int mode, int fma_steps) {
@@ -97,9 +107,14 @@ static double run(int mode, int fma_steps) {
         for (int64_t g = 0, step = 0; g < ROWS; g += 32, step++) {
             uint32_t *next = group_rows + ((step + 1) & 1) * 2048;
             if ((mode == GATHER || mode == BOTH) && g + 32 < ROWS) gather(g + 32, next, mode == GATHER);
-            if (mode == TILES) acc = score_group(group_rows, 0, acc, -1);
-            if (mode == BOTH) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD);
-            if (mode == FMA_TILES) acc = score_group(group_rows, fma_steps, acc, -1);
+            if (mode == TILES) acc = score_group(group_rows, 0, acc, -1, 1);
+            if (mode == BOTH) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1);
+            if (mode == FMA_TILES) acc = score_group(group_rows, fma_steps, acc, -1, 1);
+            if (mode == PREFETCH)
+                for (int64_t i = g + 32 + AHEAD; i < g + 64 + AHEAD && i < ROWS; i++) prefetch_row(&job, ids[i]);
+            if (mode == PRODUCTS) acc = score_group(group_rows, 0, acc, -1, 0);
+            if (mode == PREFETCH_TILES || mode == PREFETCH_PRODUCTS)
+                acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, mode == PREFETCH_TILES);
             if (mode == FMA) for (int t = 0; t < n_tiles; t += 2) acc = fma_work(fma_steps, acc);
         }
         double elapsed = now() - start;
@@ -137,7 +152,8 @@ int main(int argc, char **argv) {
     memset(cands, 0, (size_t)n_tiles * 16 * DIM * 2);
     scores = aligned_alloc(64, 1024 * sizeof(float));
     configure_tiles();
-    const char *names[MODES] = {"gather", "tiles", "both", "fma", "fma_tiles"};
+    const char *names[MODES] = {"gather", "tiles", "both", "fma", "fma_tiles", "prefetch", "prefetch_tiles",
+                               "products", "prefetch_products"};
     double seconds[MODES];
     for (int m = 0; m < MODES; m++) seconds[m] = 1e30;
     /* one untimed round (the first tile products of a process run slow), then the best of

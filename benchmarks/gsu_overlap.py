@@ -10,7 +10,11 @@ as a control, vector FMAs alone and between the tile products. From the same run
     hidden = (gather + tiles - both) / min(gather, tiles)
         the share of the shorter part that runs in the shadow of the other: 1.0 when it is
         hidden completely, 0 when the two add up, below 0 when together they take even longer;
-    fma hidden = (fma + tiles - fma_tiles) / min(fma, tiles), the same for plain arithmetic.
+    fma hidden = (fma + tiles - fma_tiles) / min(fma, tiles), the same for plain arithmetic;
+    prefetch hidden = (prefetch + tiles - prefetch_tiles) / min(prefetch, tiles): the prefetches
+        alone (no gather loads) between the tile products;
+    products hidden = (prefetch + products - prefetch_products) / min(prefetch, products): the
+        same with the operand tiles loaded once per unit instead of before every product.
 
     python benchmarks/gsu_overlap.py                 # 128 candidates, 10 repeats
     python benchmarks/gsu_overlap.py --candidates 1024
@@ -49,18 +53,27 @@ def main() -> int:
                              check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["hidden"] = (result["gather_s"] + result["tiles_s"] - result["both_s"]) / min(result["gather_s"], result["tiles_s"])
-    result["fma_hidden"] = (result["fma_s"] + result["tiles_s"] - result["fma_tiles_s"]) / min(result["fma_s"], result["tiles_s"])
+    for name, (alone, other, together) in {
+        "fma_hidden": ("fma", "tiles", "fma_tiles"),
+        "prefetch_hidden": ("prefetch", "tiles", "prefetch_tiles"),
+        "products_hidden": ("prefetch", "products", "prefetch_products"),
+    }.items():
+        first, second = result[f"{alone}_s"], result[f"{other}_s"]
+        result[name] = (first + second - result[f"{together}_s"]) / min(first, second)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp_file:
         json.dump(result, tmp_file, indent=2)
     os.replace(tmp_file.name, args.out)
     print(json.dumps(result, indent=2))
-    ms = {key: result[f"{key}_s"] * 1e3 for key in ("gather", "tiles", "both", "fma", "fma_tiles")}
+    ms = {key[:-2]: value * 1e3 for key, value in result.items() if key.endswith("_s")}
     print(f"\none core, {result['rows']:,} rows x {result['candidates']} candidates (ms): gather {ms['gather']:.2f}, "
           f"tile products {ms['tiles']:.2f}, both interleaved {ms['both']:.2f} -> hidden {result['hidden']:.2f} "
           f"(1 = the shorter hides behind the other, 0 = they add up, < 0 = worse than adding up)")
     print(f"control: FMAs {ms['fma']:.2f}, tile products {ms['tiles']:.2f}, FMAs between them {ms['fma_tiles']:.2f} "
           f"-> hidden {result['fma_hidden']:.2f}")
+    print(f"memory requests alone: prefetches {ms['prefetch']:.2f}, between the tile products {ms['prefetch_tiles']:.2f} "
+          f"-> hidden {result['prefetch_hidden']:.2f}; products with their operands loaded once per unit "
+          f"{ms['products']:.2f}, with the prefetches {ms['prefetch_products']:.2f} -> hidden {result['products_hidden']:.2f}")
     return 0
 
 
