@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from kernels.int8_screen import Int8Candidates
 from kernels.scratch import scratch
 
-__all__ = ["available", "rescore_topk", "screen_topk", "unavailable_reason"]
+__all__ = ["available", "int8_available", "rescore_topk", "screen_topk", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("screen_amx.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mamx-tile", "-mamx-bf16", "-fPIC", "-shared", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ def cache_dir() -> Path:
 def available() -> bool:
     """True when `screen_topk` can run in this process (compiled, AMX-BF16 CPU and OS)."""
     return _screen_fn() is not None
+
+
+def int8_available() -> bool:
+    """True when `screen_topk` can also run the int8 screen here (AMX-INT8 as well)."""
+    return available() and bool(_STATE["int8"])
 
 
 def _screen_fn():
@@ -89,6 +95,7 @@ def _load():
         return None, f"could not build {_SOURCE.name}: {error}"
     if not library.muse_amx_available():
         return None, "the OS does not grant this process the AMX state"
+    _STATE["int8"] = bool(library.muse_amx_int8_available()) and "amx_int8" in _cpu_flags()
     fn = library.muse_screen_topk_amx
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -96,7 +103,7 @@ def _load():
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -161,12 +168,15 @@ def screen_topk(
     sample_every: int = 0,
     threads: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    int8_cands: Int8Candidates | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Survivors per (user, candidate) by bf16 cosine, in one fused pass: at most the best `keep`,
-    and none more than `window` below the k-th best.
+    """Survivors per (user, candidate) by bf16 (or int8) cosine, in one fused pass: at most the
+    best `keep`, and none more than `window` below the k-th best.
 
     Args:
-        screen: bfloat16 [N+1, D] unit rows of the table (zero rows for ineligible items).
+        screen: bfloat16 [N+1, D] unit rows of the table (zero rows for ineligible items), or the
+            int8 codes [N+1, D'] of `kernels.int8_screen` (then `int8_cands` is required and
+            `int8_available()` must be True).
         unit_cands: float32 [B, C, D] unit candidate vectors.
         history: [B, L] item ids (0 = padding); lengths: [B].
         keep: survivors per (user, candidate), at most.
@@ -185,9 +195,11 @@ def screen_topk(
         out: contiguous tensors of the returned shapes and dtypes to write into (a caller's
             reused buffers: at B = 100, C = 1,000 the outputs are 180 MB, and fresh ones fault in
             page by page), else new ones.
+        int8_cands: the candidates quantised for an int8 screen (`quantize_candidates`).
 
     Returns:
-        scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, unordered,
+        scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, or int8 sums
+        times the candidate's scale; unordered,
         -inf in unused slots), positions int64 [B, C, keep] (-1 in unused slots),
         bound float32 [B, C]: every eligible behaviour not returned scored at most this
         (-inf when none was left out), n_valid int64 [B]: eligible behaviours per user.
@@ -198,9 +210,21 @@ def screen_topk(
         raise RuntimeError(f"native screen unavailable: {unavailable_reason()}")
     n_users, block_len = history.shape
     n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
-    if screen.dtype != torch.bfloat16 or not screen.is_contiguous() or screen.shape[1] != dim:
+    int8 = screen.dtype == torch.int8
+    if int8:
+        if int8_cands is None or not _STATE.get("int8"):
+            raise ValueError("screen_topk: an int8 screen needs `int8_cands` and an AMX-INT8 CPU (int8_available())")
+        if not screen.is_contiguous() or screen.shape[1] != dim + dim % 2:
+            raise ValueError(f"screen_topk: int8 `screen` must be contiguous [N+1, {dim + dim % 2}], got {tuple(screen.shape)}")
+        cands, cand_pad = int8_cands.codes, int8_cands.codes.shape[1]
+        if cands.shape != (n_users, -(-n_cands // 16) * 16, -(-dim // 64) * 64) or not cands.is_contiguous():
+            raise ValueError(f"screen_topk: `int8_cands` do not match {n_users} users x {n_cands} candidates of dim {dim}")
+        pairs = screen.shape[1] // 2  # the kernel reads int8 rows as 16-bit pairs
+    elif screen.dtype != torch.bfloat16 or not screen.is_contiguous() or screen.shape[1] != dim:
         raise ValueError(f"screen_topk: `screen` must be contiguous bfloat16 [N+1, {dim}], got {screen.dtype} {tuple(screen.shape)}")
-    cands, cand_pad = _padded_candidates(unit_cands)
+    else:
+        cands, cand_pad = _padded_candidates(unit_cands)
+        pairs = dim
     history = history.to(torch.int64)
     if history.stride(1) != 1:
         history = history.contiguous()
@@ -216,10 +240,11 @@ def screen_topk(
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
     cand_splits = max(1, math.ceil(threads / (n_users * splits)))
     status = fn(
-        screen.data_ptr(), screen.shape[0], dim, history.data_ptr(), history.stride(0), lengths.data_ptr(),
+        screen.data_ptr(), screen.shape[0], pairs, history.data_ptr(), history.stride(0), lengths.data_ptr(),
         n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, sample_every, splits, cand_splits,
         threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
+        int(int8), int8_cands.scale.data_ptr() if int8 else None,
     )
     if status != 0:
         raise MemoryError(f"screen_topk: could not allocate buffers for {n_users} users x {n_cands} candidates x {keep} kept")

@@ -14,15 +14,22 @@ from topk_checks import assert_valid_topk, make_table, sampled_copies_history
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 
 
-@pytest.fixture(autouse=True, params=["torch-screen", "native-screen"])
+@pytest.fixture(autouse=True, params=["torch-screen", "native-screen", "int8-screen"])
 def screen_kind(request, monkeypatch):
-    """Every test runs with the torch screen and with the fused native screen (where it can run)."""
-    if request.param == "native-screen":
+    """Every test runs with the torch screen, with the fused native screen from the bf16 copy, and
+    with it from the int8 copy for every history (where they can run); "native-screen" keeps the
+    default choice between the two copies."""
+    if request.param != "torch-screen":
         if request.node.get_closest_marker("torch_screen_only"):
             pytest.skip("checks the torch screen's own selection")
         if not native.available():
             pytest.skip(f"native screen unavailable here: {native.unavailable_reason()}")
-    monkeypatch.setattr(cpu_topk, "USE_NATIVE", request.param == "native-screen")
+        if request.param == "int8-screen" and not native.int8_available():
+            pytest.skip("this CPU has no AMX-INT8")
+    monkeypatch.setattr(cpu_topk, "USE_NATIVE", request.param != "torch-screen")
+    if request.param == "int8-screen":
+        monkeypatch.setattr(cpu_topk, "INT8_MIN_LENGTH", 0)
+        monkeypatch.setattr(cpu_topk, "INT8_MIN_ROWS_PER_CANDIDATE", 0)
     return request.param
 
 
@@ -154,11 +161,13 @@ def count_calls(monkeypatch, name, owner=cpu_topk):
     return calls
 
 
-def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch, force_screen):
+def test_near_ties_beyond_bf16_precision_widen_the_screen(monkeypatch, force_screen, screen_kind):
     table, candidates, history, lengths = near_tie_case()
     widens = count_calls(monkeypatch, "widen", cpu_topk._Screener)
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=4)
-    assert len(widens) == 1  # the first screen (14 survivors) could not prove itself; one more pass did
+    # the first screen (14 survivors) could not prove itself; one more pass did (the int8 screen,
+    # regrown, keeps INT8_KEEP_FACTOR x 56 survivors: all 60 rows, proven without a pass)
+    assert len(widens) == (0 if screen_kind == "int8-screen" else 1)
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
@@ -357,13 +366,14 @@ def test_bad_offsets_are_rejected():
 def test_the_fused_screen_regrows_its_survivors_before_widening(monkeypatch, screen_kind, force_screen):
     # 10 survivors cannot prove 60 near-ties; 40 cannot either; 160 can (the far rows fall below
     # the bound), so the torch widening is never needed.
-    if screen_kind != "native-screen":
+    if screen_kind == "torch-screen":
         pytest.skip("the regrowth is the fused screen's")
     table, candidates, history, lengths = near_ties_among_far_rows()
     screens = count_calls(monkeypatch, "screen_topk", native)
     widens = count_calls(monkeypatch, "widen", cpu_topk._Screener)
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=0)
-    assert len(screens) == 3 and not widens
+    # (the int8 screen keeps INT8_KEEP_FACTOR x as many: 30 cannot, 120 can)
+    assert len(screens) == (2 if screen_kind == "int8-screen" else 3) and not widens
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
@@ -373,7 +383,7 @@ def test_an_unlucky_sample_fails_the_proof_and_is_screened_again_without_one(mon
     # The first screen starts its thresholds from a sample that sees only the 8 copies of the
     # candidates' item (see test_native_screen): 8 survivors cannot prove a top-50, so the same
     # candidates are screened again, from -inf, and the result is exact.
-    if screen_kind != "native-screen":
+    if screen_kind == "torch-screen":
         pytest.skip("the sampled start is the fused screen's")
     table = make_table(5_000, 128, torch.float32)
     history, _ = sampled_copies_history(table, 4_000, every=50)
@@ -418,3 +428,23 @@ def test_short_histories_with_many_candidates_match_the_reference(dtype):
     assert_valid_topk(table, candidates, history, lengths, 10, fast[0], fast[1])
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_the_int8_copy_screens_long_histories_with_few_candidates(monkeypatch, screen_kind):
+    # The default choice: INT8_MIN_ROWS_PER_CANDIDATE rows per candidate or more (and at least
+    # INT8_MIN_LENGTH) go to the int8 copy, the rest to the bf16 copy; both exact.
+    if screen_kind != "native-screen" or not native.int8_available():
+        pytest.skip("the choice between the fused screen's copies")
+    monkeypatch.setattr(cpu_topk, "INT8_MIN_LENGTH", 1_000)
+    monkeypatch.setattr(cpu_topk, "INT8_MIN_ROWS_PER_CANDIDATE", 500)
+    table = make_table(5_000, 32, torch.float16)
+    copies = []
+    original = native.screen_topk
+    monkeypatch.setattr(native, "screen_topk", lambda screen, *a, **kw: copies.append(screen.dtype) or original(screen, *a, **kw))
+    for n_cands, expected in ((2, torch.int8), (3, torch.bfloat16)):
+        candidates, history, lengths = random_batch(5_000, 2, 1_200, n_cands, [1_200, 1_100], seed=n_cands)
+        fast = cosine_topk(table, candidates, history, lengths, 10, impl="cpu")
+        assert copies[-1] == expected
+        ref = cosine_topk_reference(table, candidates, history, lengths, 10)
+        assert torch.equal(fast[1], ref[1])
+        torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""kernels.native: the fused AMX screen against a float64 evaluation of the same bf16 products."""
+"""kernels.native: the fused AMX screen against a float64 evaluation of the same bf16 (or int8) products."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,14 @@ import torch
 
 import kernels.cpu_topk as cpu_topk
 from kernels import native
+from kernels.int8_screen import build_int8_screen, int8_screen_error, quantize_candidates
 from topk_checks import sampled_copies_history
 
 needs_amx = pytest.mark.skipif(not native.available(), reason=f"native screen unavailable: {native.unavailable_reason()}")
+# Tests of the screen's contract run on both copies of the table: bf16 and int8 (AMX-INT8).
+copies = pytest.mark.parametrize("copy", [
+    "bf16", pytest.param("int8", marks=pytest.mark.skipif(not native.int8_available(), reason="no AMX-INT8 here")),
+])
 
 
 def unit_table(n_items: int, dim: int, seed: int) -> torch.Tensor:
@@ -19,14 +24,34 @@ def unit_table(n_items: int, dim: int, seed: int) -> torch.Tensor:
     return table.to(torch.bfloat16).contiguous()
 
 
-def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, window=float("inf"), sample_every=0):
+def int8_copy(screen, unit_cands):
+    """The int8 screen of a bf16 unit table [N+1, D] and the candidates [B, C, D] quantised for it."""
+    table = screen.float()
+    norms = table.norm(dim=1)
+    int8 = build_int8_screen(table, torch.where(norms > 0, 1 / norms.clamp_min(1e-30), 0.0), 1 << 16)
+    return int8, quantize_candidates(unit_cands, int8.dim_scale)
+
+
+def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, window=float("inf"), sample_every=0,
+                 copy="bf16"):
     """The screen's contract, checked against float64 products; with a finite window, also that
-    nothing within the window below the k-th best was dropped (unless `keep` was reached)."""
+    nothing within the window below the k-th best was dropped (unless `keep` was reached).
+    copy="int8": the same on the int8 copy of `screen` (a bf16 unit table)."""
     k = keep if k is None else k
+    int8_cands = None
+    if copy == "int8":
+        int8, int8_cands = int8_copy(screen, unit_cands)
+        screen = int8.rows
     scores, positions, bound, n_valid = native.screen_topk(
-        screen, unit_cands, history, lengths, keep, k, window, sample_every=sample_every, threads=threads
+        screen, unit_cands, history, lengths, keep, k, window, sample_every=sample_every, threads=threads,
+        int8_cands=int8_cands,
     )
-    exact = unit_cands.to(torch.bfloat16).double() @ screen[history].double().transpose(1, 2)  # [B, C, L]
+    if int8_cands is None:
+        exact = unit_cands.to(torch.bfloat16).double() @ screen[history].double().transpose(1, 2)  # [B, C, L]
+    else:
+        n_cands, dim = unit_cands.shape[1:]
+        codes = int8_cands.codes[:, :n_cands, :dim].double()
+        exact = codes @ screen[history, :dim].double().transpose(1, 2) * int8_cands.scale[:, :n_cands, None].double()
     eligible = (history != 0) & (torch.arange(history.shape[1]) < lengths[:, None]) & screen[history].ne(0).any(-1)
     assert torch.equal(n_valid, eligible.sum(1))
     for b in range(history.shape[0]):
@@ -54,10 +79,11 @@ def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, wi
 
 
 @needs_amx
-@pytest.mark.parametrize("dim", [128, 24, 40])
+@copies
+@pytest.mark.parametrize("dim", [128, 24, 40, 25])
 @pytest.mark.parametrize("n_cands", [1, 17, 40])
 @pytest.mark.parametrize("threads", [1, 4])
-def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, monkeypatch):
+def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, copy, monkeypatch):
     # Users split into pieces (threads > users) are merged; dims and candidate counts that are
     # not multiples of the tile sizes are padded; ids 0, zero rows and lengths shorter than the row.
     monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 64)
@@ -68,14 +94,15 @@ def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, m
     history[:, 10] = 3  # a zero row
     lengths = torch.tensor([700, 250, 0])
     unit_cands = torch.nn.functional.normalize(torch.randn(3, n_cands, dim, generator=gen), dim=-1)
-    check_screen(screen, unit_cands, history, lengths, keep=30, threads=threads)
+    check_screen(screen, unit_cands, history, lengths, keep=30, threads=threads, copy=copy)
 
 
 @needs_amx
+@copies
 @pytest.mark.parametrize("n_cands", [17, 40, 100])
 @pytest.mark.parametrize("min_split_rows", [16_384, 300])
 @pytest.mark.parametrize("window", [float("inf"), 0.05])
-def test_one_user_split_by_candidates_and_rows(n_cands, min_split_rows, window, monkeypatch):
+def test_one_user_split_by_candidates_and_rows(n_cands, min_split_rows, window, copy, monkeypatch):
     # One user and 4 threads: a history too short to split by rows is split by candidates
     # (ranges of 32, the last one maybe a single tile of 16); with min_split_rows = 300 into 2 row
     # ranges x 2 candidate ranges. Each range's survivors are merged; eligible rows counted once.
@@ -84,7 +111,7 @@ def test_one_user_split_by_candidates_and_rows(n_cands, min_split_rows, window, 
     gen = torch.Generator().manual_seed(n_cands + 1)
     history = torch.randint(0, 501, (1, 700), generator=gen)
     unit_cands = torch.nn.functional.normalize(torch.randn(1, n_cands, 128, generator=gen), dim=-1)
-    check_screen(screen, unit_cands, history, torch.tensor([650]), keep=30, threads=4, k=10, window=window)
+    check_screen(screen, unit_cands, history, torch.tensor([650]), keep=30, threads=4, k=10, window=window, copy=copy)
 
 
 @needs_amx
@@ -97,20 +124,22 @@ def test_fewer_eligible_than_keep_keeps_them_all():
 
 
 @needs_amx
-def test_ties_at_the_cut_respect_the_bound(monkeypatch):
+@copies
+def test_ties_at_the_cut_respect_the_bound(copy, monkeypatch):
     # A history of 3 items repeated: hundreds of exactly equal scores straddle every cut.
     monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 32)
     screen = unit_table(20, 64, seed=2)
     history = torch.tensor([[11, 12, 13] * 400])
     unit_cands = torch.nn.functional.normalize(torch.randn(1, 5, 64), dim=-1)
-    scores, _, bound = check_screen(screen, unit_cands, history, torch.tensor([1200]), keep=50, threads=3)
+    scores, _, bound = check_screen(screen, unit_cands, history, torch.tensor([1200]), keep=50, threads=3, copy=copy)
     assert (scores[0].amin(-1) == bound[0]).all()  # the cut falls inside the block of the best item
 
 
 @needs_amx
+@copies
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("sample_every", [0, 8])
-def test_the_window_drops_what_lies_too_far_below_the_kth(threads, sample_every, monkeypatch):
+def test_the_window_drops_what_lies_too_far_below_the_kth(threads, sample_every, copy, monkeypatch):
     # k = 10 of 3,000 random rows with room for 400: only the window around the 10th best should
     # stay, far fewer than `keep`; what it drops still respects the bound (check_screen). With a
     # sampled start (pieces of 1,000 rows or more: 125 sampled rows each) the same holds.
@@ -120,7 +149,7 @@ def test_the_window_drops_what_lies_too_far_below_the_kth(threads, sample_every,
     history = torch.randint(1, 5_001, (2, 3_000), generator=gen)
     unit_cands = torch.nn.functional.normalize(torch.randn(2, 20, 128, generator=gen), dim=-1)
     _, positions, _ = check_screen(screen, unit_cands, history, torch.tensor([3_000, 2_000]), keep=400,
-                                   threads=threads, k=10, window=0.03, sample_every=sample_every)
+                                   threads=threads, k=10, window=0.03, sample_every=sample_every, copy=copy)
     kept = (positions >= 0).sum(-1).float()
     assert kept.max() < 400 and kept.mean() < 100
 
@@ -164,6 +193,32 @@ def test_fused_screen_scores_stay_within_the_stated_error():
         worst = float((scores[0].double() - exact).abs().max())
         assert worst <= error
         assert error < 0.8 * cpu_topk.screen_error_bound(128)[0]  # tighter than the worst case
+
+
+@needs_amx
+@pytest.mark.skipif(not native.int8_available(), reason="no AMX-INT8 here")
+def test_int8_screen_scores_stay_within_the_stated_error():
+    # As above for the int8 copy: the rounding reported for rows and candidates is the one done,
+    # and every screened score lies within int8_screen_error of the exact cosine.
+    gen = torch.Generator().manual_seed(7)
+    for rows in (torch.randn(3_000, 128, generator=gen), torch.randn(3_000, 128, generator=gen).pow(3)):
+        table = torch.cat([torch.zeros(1, 128), rows]).half()
+        int8 = cpu_topk._table_prep(table).int8
+        unit = torch.nn.functional.normalize(table.double(), dim=1)
+        dequantised = int8.rows.double() * int8.dim_scale.double()
+        assert int8.row_error == pytest.approx(float((dequantised - unit).norm(dim=1).max()), rel=1e-3, abs=1e-6)
+        assert int8.rows.abs().max() == 127 and (int8.rows[0] == 0).all()
+        unit_cands = torch.nn.functional.normalize(table[torch.randint(1, 3_001, (1, 40), generator=gen)].float(), dim=-1)
+        quantised = quantize_candidates(unit_cands, int8.dim_scale)
+        rounded = quantised.codes[:, :40, :128].double() * quantised.scale[:, :40, None].double() / int8.dim_scale.double()
+        assert quantised.norm == pytest.approx(float(rounded.norm(dim=-1).max()), rel=1e-5)
+        assert quantised.error == pytest.approx(float((rounded - unit_cands.double()).norm(dim=-1).max()), rel=1e-3)
+        history = torch.arange(1, 3_001).unsqueeze(0)
+        scores, positions, _, _ = native.screen_topk(int8.rows, unit_cands, history, torch.tensor([3_000]), 3_000, 3_000,
+                                                     float("inf"), int8_cands=quantised)
+        exact = torch.einsum("cd,cmd->cm", unit_cands[0].double(), unit[history[0, positions[0]]])
+        error = int8_screen_error(128, int8.row_error, quantised.error, quantised.norm)
+        assert float((scores[0].double() - exact).abs().max()) <= error < 0.1
 
 
 def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
@@ -296,3 +351,10 @@ def test_rescore_topk_never_reads_a_survivor_that_cannot_enter():
                                               torch.tensor([[-0.95]]), 2, (0.01, 0.0))
     assert 3 not in top[0, 0].tolist() and torch.isfinite(scores).all()
     assert top[0, 0, 0] == 0 and bool(proven[0, 0])
+
+
+@needs_amx
+def test_an_int8_screen_needs_its_quantised_candidates():
+    screen = torch.zeros(10, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8_cands"):
+        native.screen_topk(screen, torch.zeros(1, 2, 32), torch.ones(1, 5, dtype=torch.int64), torch.tensor([5]), 3, 3, 1.0)
