@@ -1,7 +1,8 @@
 """Benchmark of the GSU op (`kernels.cosine_topk`) on this machine, every method in the same run.
 
 For each history length L and candidate count C (D = 128, K = 50) it times the CPU fast path
-(with the fused native screen where this CPU runs it, and again with the portable torch screen),
+(with the fused native screen where this CPU runs it, and again with the portable torch screen;
+where the fast path screens from the table's int8 copy, also from the bf16 copy alone),
 the reference (`kernels.reference`: float32 matmul + stable sort, exact ties), a plain
 float32-matmul + `torch.topk` baseline, and FAISS (`faiss.knn` per user on the gathered,
 normalised rows; its gather is timed too, it cannot read the table by id). It also measures this
@@ -9,11 +10,12 @@ machine's own limits in the same run (a large memory copy for bytes/s, the faste
 matmul and one of the screen's shape for FLOP/s)
 and reports the fast path's achieved rates against them, the peak resident memory each method adds,
 and how often the fast path returns exactly the reference's positions. The one-off cost of the
-fast path's normalised bf16 copy of the table is reported apart (`table_copy_once_s`).
+fast path's normalised bf16 (and int8) copies of the table is reported apart (`table_copy_once_s`).
 
     python benchmarks/gsu.py            # L in {1e3, 1e4, 1e5} x C in {1, 100, 1000}
     python benchmarks/gsu.py --quick    # small run (a minute)
     python benchmarks/gsu.py --lengths 100000 --candidates 100 --catalogue near-duplicates
+    python benchmarks/gsu.py --lengths 100000 --candidates 100 --int8-rows-per-candidate 0  # int8 copy forced
 
 Writes the JSON to benchmarks/results/gsu.json (atomically) and prints it, then a table.
 """
@@ -154,13 +156,15 @@ def faiss_baseline(table, candidates, history, lengths, k):
     return results
 
 
-def _with_torch_screen(fn):
-    """Runs fn with the fused native screen switched off (the portable torch screen instead)."""
-    saved, cpu_topk.USE_NATIVE = cpu_topk.USE_NATIVE, False
+def _with_setting(name: str, value, fn):
+    """Runs fn with the module setting cpu_topk.<name> = value (USE_NATIVE = False: the portable
+    torch screen; USE_INT8 = False: the fused screen from the bf16 copy only)."""
+    saved = getattr(cpu_topk, name)
+    setattr(cpu_topk, name, value)
     try:
         return fn()
     finally:
-        cpu_topk.USE_NATIVE = saved
+        setattr(cpu_topk, name, saved)
 
 
 def run_config(table, candidates, history, lengths, k, repeats, limits, skip_reference):
@@ -177,7 +181,7 @@ def run_config(table, candidates, history, lengths, k, repeats, limits, skip_ref
     row = {"L": length, "C": n_cands, "B": users, "fast_s": fast_s, "fast_peak_mb": fast_mb,
            "fast_kept_buffers_mb": scratch_bytes() / 2**20, "table_copy_once_s": copy_s}
     baselines = {
-        "torch_screen": lambda: _with_torch_screen(lambda: cosine_topk(table, candidates, history, lengths, k)),
+        "torch_screen": lambda: _with_setting("USE_NATIVE", False, lambda: cosine_topk(table, candidates, history, lengths, k)),
         "torch_topk": lambda: torch_topk_baseline(table, candidates, history, lengths, k),
         "faiss": lambda: faiss_baseline(table, candidates, history, lengths, k),
     }
@@ -185,6 +189,9 @@ def run_config(table, candidates, history, lengths, k, repeats, limits, skip_ref
         baselines["reference"] = lambda: cosine_topk(table, candidates, history, lengths, k, impl="reference")
     if not native.available():
         del baselines["torch_screen"]  # the fast path already is the torch screen
+    if native.int8_available() and length >= max(cpu_topk.INT8_MIN_LENGTH, cpu_topk.INT8_MIN_ROWS_PER_CANDIDATE * n_cands):
+        # the fast path screens from the int8 copy here: the same path from the bf16 copy beside it
+        baselines["bf16_screen"] = lambda: _with_setting("USE_INT8", False, lambda: cosine_topk(table, candidates, history, lengths, k))
     # Not a baseline but a yardstick: gathering the history's rows alone, as the screen reads them
     # (the bf16 copy, torch's parallel index_select into a preallocated buffer), with nothing
     # computed: how close random rows come to the copy bandwidth.
@@ -234,8 +241,13 @@ def main() -> int:
                         help="skip the reference where B*C*L exceeds this (its [B, C, L] sort)")
     parser.add_argument("--lengths", type=int, nargs="+", help="history lengths L (overrides the grid)")
     parser.add_argument("--candidates", type=int, nargs="+", help="candidate counts C (overrides the grid)")
+    parser.add_argument("--int8-rows-per-candidate", type=int, default=None,
+                        help="screen from the int8 copy from this many history rows per candidate on "
+                             "(default kernels.cpu_topk.INT8_MIN_ROWS_PER_CANDIDATE; 0: wherever it runs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.int8_rows_per_candidate is not None:
+        cpu_topk.INT8_MIN_ROWS_PER_CANDIDATE = args.int8_rows_per_candidate
 
     lengths_grid = args.lengths or ([1_000, 10_000] if args.quick else [1_000, 10_000, 100_000])
     cands_grid = args.candidates or ([1, 100] if args.quick else [1, 100, 1_000])
@@ -263,6 +275,7 @@ def main() -> int:
         "benchmark": "gsu.cosine_topk",
         "settings": {"items": n_items, "dim": args.dim, "k": args.k, "table_dtype": args.dtype, "catalogue": args.catalogue,
                      "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__,
+                     "int8_min_rows_per_candidate": cpu_topk.INT8_MIN_ROWS_PER_CANDIDATE,
                      "screen": "native AMX" if native.available() else f"torch ({native.unavailable_reason()})"},
         "machine_limits": limits,
         "results": rows,
@@ -283,7 +296,8 @@ def print_table(result: dict) -> None:
         f"\nmachine: copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul fp32 "
         f"{limits['matmul_float32_flop_per_s'] / 1e9:.0f} GFLOP/s, bf16 {limits['matmul_bfloat16_flop_per_s'] / 1e9:.0f} GFLOP/s"
     )
-    header = ("L", "C", "B", "fast ms", "gather ms", "torch-screen ms", "ref ms", "topk ms", "faiss ms", "x torch-screen", "x ref", "x topk", "x faiss",
+    header = ("L", "C", "B", "fast ms", "gather ms", "bf16-screen ms", "torch-screen ms", "ref ms", "topk ms", "faiss ms",
+              "x bf16-screen", "x torch-screen", "x ref", "x topk", "x faiss",
               "limit ms", "fast/limit", "bound", "fast MB", "kept MB", "ref MB", "same pos")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
@@ -295,8 +309,9 @@ def print_table(result: dict) -> None:
             return f"{r[key]:.1f}" if key in r else "-"
 
         print(" | ".join([
-            f"{r['L']:,}", f"{r['C']:,}", str(r["B"]), ms("fast_s"), ms("row_gather_s"), ms("torch_screen_s"), ms("reference_s"),
-            ms("torch_topk_s"), ms("faiss_s"), ratio("speedup_vs_torch_screen"), ratio("speedup_vs_reference"), ratio("speedup_vs_torch_topk"), ratio("speedup_vs_faiss"),
+            f"{r['L']:,}", f"{r['C']:,}", str(r["B"]), ms("fast_s"), ms("row_gather_s"), ms("bf16_screen_s"), ms("torch_screen_s"),
+            ms("reference_s"), ms("torch_topk_s"), ms("faiss_s"), ratio("speedup_vs_bf16_screen"), ratio("speedup_vs_torch_screen"),
+            ratio("speedup_vs_reference"), ratio("speedup_vs_torch_topk"), ratio("speedup_vs_faiss"),
             ms("limit_s"), f"{r['fast_over_limit']:.1f}", r["binding_limit"], f"{r['fast_peak_mb']:.0f}",
             f"{r['fast_kept_buffers_mb']:.0f}",
             f"{r['reference_peak_mb']:.0f}" if "reference_peak_mb" in r else "-",

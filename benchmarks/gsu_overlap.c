@@ -17,7 +17,10 @@
  *   products  the tile products with each unit's operand tiles loaded once instead of before
  *             every product (wrong sums, the same products), alone, and prefetch_products: with
  *             the prefetches between them: whether the tile loads are what waits while the
- *             misses are outstanding.
+ *             misses are outstanding;
+ *   int8      `both` for the int8 screen: 128-byte rows of an int8 copy of the table, gathered
+ *             by the same code (as 16-bit pairs) and scored with AMX-INT8 (64 dims a tile, so
+ *             half the tile products), and int8_gather: its gather alone.
  * Prints one line of JSON: best of `repeats` seconds for each. Built and run by gsu_overlap.py. */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -32,7 +35,7 @@
 #define DIM 128
 #define AHEAD 96 /* rows prefetched ahead of the gather, as the screen's PREFETCH_GROUPS */
 
-static Job job;              /* only the fields gather_group and prefetch_row read */
+static Job job, job8;        /* only the fields gather_group and prefetch_row read; job8: the int8 copy */
 static int64_t *ids;
 static uint32_t *group_rows; /* [2 groups][2 blocks][4 slices][16][16] */
 static uint16_t *cands;      /* [tiles * 16][DIM] */
@@ -47,9 +50,9 @@ static double now(void) {
 
 /* Gathers rows [first, first + 32) in pair layout; with `prefetch`, requests rows AHEAD further
  * on first (the screen spreads those between its tile products instead). */
-static void gather(int64_t first, uint32_t *out, int prefetch) {
-    for (int64_t i = first + AHEAD; prefetch && i < first + AHEAD + 32 && i < ROWS; i++) prefetch_row(&job, ids[i]);
-    gather_group(&job, ids, first, ROWS, out);
+static void gather(const Job *from, int64_t first, uint32_t *out, int prefetch) {
+    for (int64_t i = first + AHEAD; prefetch && i < first + AHEAD + 32 && i < ROWS; i++) prefetch_row(from, ids[i]);
+    gather_group(from, ids, first, ROWS, out);
 }
 
 static __m512 fma_work(int steps, __m512 acc) {
@@ -68,25 +71,28 @@ static __m512 fma_work(int steps, __m512 acc) {
  * pair; rows [fetch, fetch + 32) are prefetched a few at a time between the tile products when
  * fetch >= 0, as the screen does; `reload` 0: the operand tiles are loaded for a unit's first
  * slice only. */
-static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64_t fetch, int reload) {
-    const int steps = n_tiles / 2 * (DIM / 32), per_step = (32 + steps - 1) / steps;
+static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64_t fetch, int reload, int int8) {
+    /* a tile's depth is 32 bf16 or 64 int8 dims: 64 bytes of a row either way */
+    const int slices = int8 ? DIM / 64 : DIM / 32, row_bytes = int8 ? DIM : DIM * 2;
+    const int steps = n_tiles / 2 * slices, per_step = (32 + steps - 1) / steps;
     int64_t fetched = 0;
     for (int t = 0; t < n_tiles; t += 2) {
-        const uint16_t *a0 = cands + t * 16 * DIM, *a1 = a0 + 16 * DIM;
+        const char *a0 = (const char *)cands + t * 16 * row_bytes, *a1 = a0 + 16 * row_bytes;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int kk = 0; kk < DIM / 32; kk++) {
+        for (int kk = 0; kk < slices; kk++) {
             if (reload || kk == 0) {
-                _tile_loadd(4, a0 + kk * 32, DIM * 2);
-                _tile_loadd(5, a1 + kk * 32, DIM * 2);
+                _tile_loadd(4, a0 + kk * 64, row_bytes);
+                _tile_loadd(5, a1 + kk * 64, row_bytes);
                 _tile_loadd(6, rows + kk * 256, 64);
-                _tile_loadd(7, rows + (4 + kk) * 256, 64);
+                _tile_loadd(7, rows + (slices + kk) * 256, 64);
             }
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            if (int8) {
+                _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 4, 7); _tile_dpbssd(2, 5, 6); _tile_dpbssd(3, 5, 7);
+            } else {
+                _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+            }
             for (int i = 0; fetch >= 0 && i < per_step && fetched < 32 && fetch + fetched < ROWS; i++, fetched++)
-                prefetch_row(&job, ids[fetch + fetched]);
+                prefetch_row(int8 ? &job8 : &job, ids[fetch + fetched]);
         }
         _tile_stored(0, scores, 64);
         _tile_stored(1, scores + 256, 64);
@@ -97,7 +103,7 @@ static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64
     return acc;
 }
 
-enum { GATHER, TILES, BOTH, FMA, FMA_TILES, PREFETCH, PREFETCH_TILES, PRODUCTS, PREFETCH_PRODUCTS, MODES };
+enum { GATHER, TILES, BOTH, FMA, FMA_TILES, PREFETCH, PREFETCH_TILES, PRODUCTS, PREFETCH_PRODUCTS, INT8_GATHER, INT8, MODES };
 
 /* Seconds of one pass of `mode` over the history. */
 static double run(int mode, int fma_steps) {
@@ -106,15 +112,17 @@ static double run(int mode, int fma_steps) {
         double start = now();
         for (int64_t g = 0, step = 0; g < ROWS; g += 32, step++) {
             uint32_t *next = group_rows + ((step + 1) & 1) * 2048;
-            if ((mode == GATHER || mode == BOTH) && g + 32 < ROWS) gather(g + 32, next, mode == GATHER);
-            if (mode == TILES) acc = score_group(group_rows, 0, acc, -1, 1);
-            if (mode == BOTH) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1);
-            if (mode == FMA_TILES) acc = score_group(group_rows, fma_steps, acc, -1, 1);
+            if ((mode == GATHER || mode == BOTH) && g + 32 < ROWS) gather(&job, g + 32, next, mode == GATHER);
+            if ((mode == INT8_GATHER || mode == INT8) && g + 32 < ROWS) gather(&job8, g + 32, next, mode == INT8_GATHER);
+            if (mode == TILES) acc = score_group(group_rows, 0, acc, -1, 1, 0);
+            if (mode == BOTH) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1, 0);
+            if (mode == INT8) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1, 1);
+            if (mode == FMA_TILES) acc = score_group(group_rows, fma_steps, acc, -1, 1, 0);
             if (mode == PREFETCH)
                 for (int64_t i = g + 32 + AHEAD; i < g + 64 + AHEAD && i < ROWS; i++) prefetch_row(&job, ids[i]);
-            if (mode == PRODUCTS) acc = score_group(group_rows, 0, acc, -1, 0);
+            if (mode == PRODUCTS) acc = score_group(group_rows, 0, acc, -1, 0, 0);
             if (mode == PREFETCH_TILES || mode == PREFETCH_PRODUCTS)
-                acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, mode == PREFETCH_TILES);
+                acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, mode == PREFETCH_TILES, 0);
             if (mode == FMA) for (int t = 0; t < n_tiles; t += 2) acc = fma_work(fma_steps, acc);
         }
         double elapsed = now() - start;
@@ -129,8 +137,8 @@ int main(int argc, char **argv) {
     int repeats = argc > 2 ? atoi(argv[2]) : 10;
     int fma_steps = argc > 3 ? atoi(argv[3]) : 24;
     n_tiles += n_tiles & 1;
-    if (!muse_amx_available()) {
-        printf("{\"error\": \"this CPU or OS offers no AMX-BF16\"}\n");
+    if (!muse_amx_available() || !muse_amx_int8_available()) {
+        printf("{\"error\": \"this CPU or OS offers no AMX-BF16 and AMX-INT8\"}\n");
         return 1;
     }
     size_t bytes = (size_t)TABLE_ROWS * DIM * 2;
@@ -140,6 +148,13 @@ int main(int argc, char **argv) {
     job.screen = table;
     job.n_rows = TABLE_ROWS;
     job.dim = job.dim_pad = DIM;
+    /* the int8 copy: rows of DIM bytes, read as DIM / 2 16-bit pairs */
+    uint16_t *table8 = aligned_alloc(1 << 21, bytes / 2);
+    madvise(table8, bytes / 2, MADV_HUGEPAGE);
+    for (size_t i = 0; i < bytes / 4; i++) table8[i] = (uint16_t)(0x0101 + (i & 0x3F3F));
+    job8.screen = table8;
+    job8.n_rows = TABLE_ROWS;
+    job8.dim = job8.dim_pad = DIM / 2;
     ids = malloc(ROWS * sizeof(int64_t));
     uint64_t state = 88172645463325252ull;
     for (int i = 0; i < ROWS; i++) {
@@ -153,7 +168,7 @@ int main(int argc, char **argv) {
     scores = aligned_alloc(64, 1024 * sizeof(float));
     configure_tiles();
     const char *names[MODES] = {"gather", "tiles", "both", "fma", "fma_tiles", "prefetch", "prefetch_tiles",
-                               "products", "prefetch_products"};
+                               "products", "prefetch_products", "int8_gather", "int8"};
     double seconds[MODES];
     for (int m = 0; m < MODES; m++) seconds[m] = 1e30;
     /* one untimed round (the first tile products of a process run slow), then the best of

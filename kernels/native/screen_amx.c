@@ -33,8 +33,9 @@
  * (`dim` counts pairs), so the gather, the transposes (4-byte groups, the layout of both tile
  * products) and the tile loads are the bf16 screen's own; the products give exact int32 sums,
  * which a candidate's scale turns into its scores where they are read (`tile_scores`, and only the
- * maxima in `marks16`). Half the bytes and half the tile products: at 100K random rows x 128
- * candidates on 2 threads the pass without selection took 0.80 against 1.91 ms.
+ * maxima in `marks16`). Half the bytes and half the tile products: benchmarks/gsu_overlap.py
+ * runs the pass without selection on one core in 1.51 against 3.78 ms (100K random rows, 128
+ * candidates); its wider window costs more survivors (kernels/int8_screen.py, docs/gsu.md).
  */
 #include <cpuid.h>
 #include <float.h>
