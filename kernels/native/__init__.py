@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled from C on first use and cached (no build step at install time).
 
 `screen_topk` runs the fused AMX screen of `screen_amx.c` (gather + bf16 tile products + running
-selection in one pass; design and measurements in docs/gsu.md). `available()` is False when it
+selection in one pass, or the same from the table's int8 copy with AMX-INT8 products where
+`int8_available()`; design and measurements in docs/gsu.md). `available()` is False when it
 cannot run here: no C compiler, a CPU without AMX-BF16, a kernel that refuses the AMX state, or
 MUSE_NATIVE_KERNELS=0 in the environment; `unavailable_reason()` says which. Callers then use the
 portable torch path, which gives the same results, slower.
