@@ -189,7 +189,7 @@ def run_config(table, candidates, history, lengths, k, repeats, limits, skip_ref
         baselines["reference"] = lambda: cosine_topk(table, candidates, history, lengths, k, impl="reference")
     if not native.available():
         del baselines["torch_screen"]  # the fast path already is the torch screen
-    if native.int8_available() and length >= max(cpu_topk.INT8_MIN_LENGTH, cpu_topk.INT8_MIN_ROWS_PER_CANDIDATE * n_cands):
+    if native.int8_available() and cpu_topk._int8_pays(length, n_cands):
         # the fast path screens from the int8 copy here: the same path from the bf16 copy beside it
         baselines["bf16_screen"] = lambda: _with_setting("USE_INT8", False, lambda: cosine_topk(table, candidates, history, lengths, k))
     # Not a baseline but a yardstick: gathering the history's rows alone, as the screen reads them

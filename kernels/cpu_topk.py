@@ -97,15 +97,16 @@ USE_NATIVE = True
 # survivors, up to NATIVE_REGROW_MAX_KEEP, before the one-pass widening of the torch path.
 NATIVE_REGROW = 4
 NATIVE_REGROW_MAX_KEEP = 16_384
-# Where the CPU has AMX-INT8, histories of at least INT8_MIN_LENGTH rows and of
-# INT8_MIN_ROWS_PER_CANDIDATE rows per candidate are screened from the table's int8 copy
+# Where the CPU has AMX-INT8, histories of at least INT8_MIN_LENGTH rows, with one candidate or
+# with INT8_MIN_ROWS_PER_CANDIDATE rows per candidate, are screened from the table's int8 copy
 # (kernels/int8_screen.py): half the bytes and half the tile products of the bf16 pass, but a
 # window ~4x wider, so ~4x the survivors to re-score (INT8_KEEP_FACTOR x `keep` may be kept).
-# The pass pays where it is most of the call, with few candidates (side by side at L = 100K:
-# C = 1 1.56 -> 1.10 ms, C = 32 2.09 -> 1.76, but C = 64 2.45 -> 2.96, C = 100 3.24 -> 3.82;
-# L = 2,048, C = 1 1.84 -> 1.53; L = 50K, C = 32 even).
+# The pass pays where it is most of the call, with few candidates (side by side, 100K rows in
+# all: L = 100K, C = 1 1.56 -> 1.10 ms, C = 32 2.09 -> 1.76, but C = 64 2.45 -> 2.96, C = 100
+# 3.24 -> 3.82; L = 50K, C = 32 even; one candidate, B x L = 100K: L = 2,048 1.84 -> 1.53,
+# L = 1,000 2.26 -> 2.07, L = 500 2.78 -> 2.51, but L = 1,000, C = 2 even).
 USE_INT8 = True
-INT8_MIN_LENGTH = 2_048
+INT8_MIN_LENGTH = 512
 INT8_MIN_ROWS_PER_CANDIDATE = 2_048
 INT8_KEEP_FACTOR = 3
 _PREP: list = []  # [weakref to the table, its version, its _TablePrep]
@@ -146,6 +147,11 @@ def measured_screen_error(dim: int, row_error: float, cand_error: float, rounded
     product = (row_error + d) * (1 + cand_error + d) + cand_error + d
     absolute = 1.01 * (product + dim * 2.0**-24 * (1 + u) ** 2 + d)
     return absolute, (1.01 * u / (1 - u) if rounded else 0.0)
+
+
+def _int8_pays(length: int, n_cands: int) -> bool:
+    """Whether histories of `length` rows screened for `n_cands` candidates use the int8 copy."""
+    return length >= INT8_MIN_LENGTH and (n_cands == 1 or length >= INT8_MIN_ROWS_PER_CANDIDATE * n_cands)
 
 
 def _unit(rows: torch.Tensor) -> torch.Tensor:
@@ -519,7 +525,7 @@ class _Screener:
         [Bb, C]: True where the result is proven to be the exact top-k.
         """
         table = self.table
-        if self.int8 and history.shape[1] >= max(INT8_MIN_LENGTH, INT8_MIN_ROWS_PER_CANDIDATE * unit_cands.shape[1]):
+        if self.int8 and _int8_pays(history.shape[1], unit_cands.shape[1]):
             int8_cands = quantize_candidates(unit_cands, self.prep.int8.dim_scale)
             absolute = int8_screen_error(table.shape[1], self.prep.int8.row_error, int8_cands.error, int8_cands.norm)
             return self._fused(unit_cands, history, lengths, k, keep * INT8_KEEP_FACTOR, sampled, absolute, int8_cands)

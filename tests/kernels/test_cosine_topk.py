@@ -431,8 +431,9 @@ def test_short_histories_with_many_candidates_match_the_reference(dtype):
 
 
 def test_the_int8_copy_screens_long_histories_with_few_candidates(monkeypatch, screen_kind):
-    # The default choice: INT8_MIN_ROWS_PER_CANDIDATE rows per candidate or more (and at least
-    # INT8_MIN_LENGTH) go to the int8 copy, the rest to the bf16 copy; both exact.
+    # The default choice: at least INT8_MIN_LENGTH rows, and one candidate or
+    # INT8_MIN_ROWS_PER_CANDIDATE rows per candidate, go to the int8 copy, the rest to the bf16
+    # copy; both exact.
     if screen_kind != "native-screen" or not native.int8_available():
         pytest.skip("the choice between the fused screen's copies")
     monkeypatch.setattr(cpu_topk, "INT8_MIN_LENGTH", 1_000)
@@ -441,8 +442,9 @@ def test_the_int8_copy_screens_long_histories_with_few_candidates(monkeypatch, s
     copies = []
     original = native.screen_topk
     monkeypatch.setattr(native, "screen_topk", lambda screen, *a, **kw: copies.append(screen.dtype) or original(screen, *a, **kw))
-    for n_cands, expected in ((2, torch.int8), (3, torch.bfloat16)):
-        candidates, history, lengths = random_batch(5_000, 2, 1_200, n_cands, [1_200, 1_100], seed=n_cands)
+    for width, n_cands, expected in ((1_200, 2, torch.int8), (1_200, 3, torch.bfloat16), (1_200, 1, torch.int8),
+                                     (900, 1, torch.bfloat16)):
+        candidates, history, lengths = random_batch(5_000, 2, width, n_cands, [width, width - 100], seed=n_cands)
         fast = cosine_topk(table, candidates, history, lengths, 10, impl="cpu")
         assert copies[-1] == expected
         ref = cosine_topk_reference(table, candidates, history, lengths, 10)
