@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -405,14 +405,15 @@ def _distinct_rows(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return distinct, index
 
 
-class _TablePrep(NamedTuple):
+@dataclass
+class _TablePrep:
     """What a table needs once, not per call: see `_table_prep`."""
 
     inv_norm: torch.Tensor  # float32 [N+1]: 1 / row norm, 0 for zero rows (never eligible)
     screen: torch.Tensor | None  # bfloat16 [N+1, D] unit rows, None above SCREEN_COPY_MAX_ELEMENTS
     screen_error: float  # max over rows of ||screen row - float32 unit row|| (0 without a screen)
     row_error: torch.Tensor | None  # float32 [N+1]: that norm per row (None without a screen)
-    int8: Int8Screen | None  # the int8 copy, where the native int8 screen can run (with a bf16 copy)
+    int8: Int8Screen | None = None  # the int8 copy, once a call has screened from it (`_int8_copy`)
 
 
 def _table_prep(table: torch.Tensor) -> _TablePrep | None:
@@ -445,10 +446,18 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
             screen[r0 : r0 + step] = unit
             torch.linalg.vector_norm(screen[r0 : r0 + step].float().sub_(unit), dim=1, out=row_error[r0 : r0 + step])
     screen_error = float(row_error.max()) if row_error is not None and row_error.numel() else 0.0
-    int8 = build_int8_screen(table, inv_norm, step) if screen is not None and native.int8_available() else None
-    prep = _TablePrep(inv_norm, screen, screen_error, row_error, int8)
+    prep = _TablePrep(inv_norm, screen, screen_error, row_error)
     _PREP[:] = [weakref.ref(table, _forget_prep), version, prep]
     return prep
+
+
+def _int8_copy(table: torch.Tensor, prep: _TablePrep) -> Int8Screen:
+    """The int8 copy of a prepared table, built by the first call that screens from it (two more
+    passes over the table): a service that never does, ranking many candidates, spends neither
+    that time nor its 1 byte x N x D of memory."""
+    if prep.int8 is None:
+        prep.int8 = build_int8_screen(table, prep.inv_norm, max(1, ROW_BUDGET // max(1, table.shape[1])))
+    return prep.int8
 
 
 def _forget_prep(dead: weakref.ref) -> None:
@@ -490,7 +499,7 @@ class _Screener:
         # The fused native screen reads the normalised bf16 copy; without one (or without AMX)
         # the torch screen below does the same job in separate passes.
         self.fused = prep is not None and prep.screen is not None and USE_NATIVE and native.available()
-        self.int8 = self.fused and prep.int8 is not None and USE_INT8
+        self.int8 = self.fused and USE_INT8 and native.int8_available()
 
     def error(self, unit_cands: torch.Tensor, rounded: bool) -> tuple[float, float]:
         """(absolute, relative) error of screened scores against these candidates [..., D]: measured
@@ -526,8 +535,9 @@ class _Screener:
         """
         table = self.table
         if self.int8 and _int8_pays(history.shape[1], unit_cands.shape[1]):
-            int8_cands = quantize_candidates(unit_cands, self.prep.int8.dim_scale)
-            absolute = int8_screen_error(table.shape[1], self.prep.int8.row_error, int8_cands.error, int8_cands.norm)
+            int8 = _int8_copy(table, self.prep)
+            int8_cands = quantize_candidates(unit_cands, int8.dim_scale)
+            absolute = int8_screen_error(table.shape[1], int8.row_error, int8_cands.error, int8_cands.norm)
             return self._fused(unit_cands, history, lengths, k, keep * INT8_KEEP_FACTOR, sampled, absolute, int8_cands)
         absolute, relative = self.error(unit_cands, rounded=not self.fused)
         if self.fused:

@@ -442,11 +442,13 @@ def test_the_int8_copy_screens_long_histories_with_few_candidates(monkeypatch, s
     copies = []
     original = native.screen_topk
     monkeypatch.setattr(native, "screen_topk", lambda screen, *a, **kw: copies.append(screen.dtype) or original(screen, *a, **kw))
-    for width, n_cands, expected in ((1_200, 2, torch.int8), (1_200, 3, torch.bfloat16), (1_200, 1, torch.int8),
+    for width, n_cands, expected in ((1_200, 3, torch.bfloat16), (1_200, 2, torch.int8), (1_200, 1, torch.int8),
                                      (900, 1, torch.bfloat16)):
         candidates, history, lengths = random_batch(5_000, 2, width, n_cands, [width, width - 100], seed=n_cands)
         fast = cosine_topk(table, candidates, history, lengths, 10, impl="cpu")
         assert copies[-1] == expected
+        # the int8 copy is built by the first call that screens from it, not before
+        assert (cpu_topk._table_prep(table).int8 is not None) == (torch.int8 in copies)
         ref = cosine_topk_reference(table, candidates, history, lengths, 10)
         assert torch.equal(fast[1], ref[1])
         torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)

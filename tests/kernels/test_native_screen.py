@@ -203,7 +203,7 @@ def test_int8_screen_scores_stay_within_the_stated_error():
     gen = torch.Generator().manual_seed(7)
     for rows in (torch.randn(3_000, 128, generator=gen), torch.randn(3_000, 128, generator=gen).pow(3)):
         table = torch.cat([torch.zeros(1, 128), rows]).half()
-        int8 = cpu_topk._table_prep(table).int8
+        int8 = cpu_topk._int8_copy(table, cpu_topk._table_prep(table))
         unit = torch.nn.functional.normalize(table.double(), dim=1)
         dequantised = int8.rows.double() * int8.dim_scale.double()
         assert int8.row_error == pytest.approx(float((dequantised - unit).norm(dim=1).max()), rel=1e-3, abs=1e-6)
