@@ -99,15 +99,17 @@ NATIVE_REGROW = 4
 NATIVE_REGROW_MAX_KEEP = 16_384
 # Where the CPU has AMX-INT8, histories of at least INT8_MIN_LENGTH rows, with one candidate or
 # with INT8_MIN_ROWS_PER_CANDIDATE rows per candidate, are screened from the table's int8 copy
-# (kernels/int8_screen.py): half the bytes and half the tile products of the bf16 pass, but a
-# window ~4x wider, so ~4x the survivors to re-score (INT8_KEEP_FACTOR x `keep` may be kept).
-# The pass pays where it is most of the call, with few candidates (side by side, 100K rows in
-# all: L = 100K, C = 1 1.56 -> 1.10 ms, C = 32 2.09 -> 1.76, but C = 64 2.45 -> 2.96, C = 100
-# 3.24 -> 3.82; L = 50K, C = 32 even; one candidate, B x L = 100K: L = 2,048 1.84 -> 1.53,
-# L = 1,000 2.26 -> 2.07, L = 500 2.78 -> 2.51, but L = 1,000, C = 2 even).
+# (kernels/int8_screen.py): half the bytes of the bf16 pass, but a window ~3x wider (candidates
+# in two parts, INT8_TWO_PARTS; ~4.5x with one), so more survivors to re-score
+# (INT8_KEEP_FACTOR x `keep` may be kept). The pass pays where it is most of the call, with few
+# candidates (side by side, 100K rows in all, bf16 / int8 in one part / in two: L = 100K, C = 1
+# 1.54 / 0.97 / 1.01 ms, C = 32 2.07 / 1.65 / 1.50, C = 64 2.30 / 2.40 / 2.18, C = 80 2.32 /
+# 2.81 / 2.34, C = 100 2.97 / 3.40 / 3.18; L = 20K, C = 16 2.49 / 2.08 / 2.04; L = 10K, C = 6
+# 2.05 / 1.79 / 1.79; one candidate (one part), L = 1,000 2.26 -> 2.07, L = 500 2.78 -> 2.51).
 USE_INT8 = True
+INT8_TWO_PARTS = True
 INT8_MIN_LENGTH = 512
-INT8_MIN_ROWS_PER_CANDIDATE = 2_048
+INT8_MIN_ROWS_PER_CANDIDATE = 1_280
 INT8_KEEP_FACTOR = 3
 _PREP: list = []  # [weakref to the table, its version, its _TablePrep]
 _TINY = torch.finfo(torch.float32).tiny
@@ -536,7 +538,7 @@ class _Screener:
         table = self.table
         if self.int8 and _int8_pays(history.shape[1], unit_cands.shape[1]):
             int8 = _int8_copy(table, self.prep)
-            int8_cands = quantize_candidates(unit_cands, int8.dim_scale)
+            int8_cands = quantize_candidates(unit_cands, int8, two_parts=INT8_TWO_PARTS)
             absolute = int8_screen_error(table.shape[1], int8.row_error, int8_cands.error, int8_cands.norm)
             return self._fused(unit_cands, history, lengths, k, keep * INT8_KEEP_FACTOR, sampled, absolute, int8_cands)
         absolute, relative = self.error(unit_cands, rounded=not self.fused)

@@ -42,10 +42,12 @@ class Int8Screen(NamedTuple):
 class Int8Candidates(NamedTuple):
     """One call's candidates for the int8 screen."""
 
-    codes: torch.Tensor  # int8 [B, C', D''] zero padded
-    scale: torch.Tensor  # float32 [B, C']: t, a candidate's score per unit of int32 sum
+    codes: torch.Tensor  # int8 [B, C', D''] zero padded (the hi part, with two parts)
+    scale: torch.Tensor  # float32 [B, C']: a candidate's score per unit of int32 sum (of lo units)
     error: float  # max over candidates of ||q~ - q||
     norm: float  # max over candidates of ||q~||
+    lo: torch.Tensor | None = None  # int8 [B, C', D'']: the lo part's codes, or None (one part)
+    mark_slack: float = 0.0  # two parts: the most the lo part moves a screened score
 
 
 def build_int8_screen(table: torch.Tensor, inv_norm: torch.Tensor, chunk_rows: int) -> Int8Screen:
@@ -77,24 +79,53 @@ def _unit_rows(table: torch.Tensor, inv_norm: torch.Tensor, start: int, count: i
     return table[start : start + count].float() * inv_norm[start : start + count].unsqueeze(1)
 
 
-def quantize_candidates(unit_cands: torch.Tensor, dim_scale: torch.Tensor) -> Int8Candidates:
-    """float32 unit candidates [B, C, D] -> their int8 codes for the screen (in this thread's
-    scratch buffers, until its next call), scales and measured rounding."""
+# The lo part of a two-part candidate counts in 1/LO_STEPS of a hi code: its codes, the rounding
+# of the hi part (at most half a step) times LO_STEPS, stay within +-LO_STEPS / 2.
+LO_STEPS = 128
+# Two parts add hi sums x LO_STEPS and lo sums in int32: exact while dims x 127^2 x 128 < 2^31.
+TWO_PARTS_MAX_DIM = 1_024
+
+
+def quantize_candidates(unit_cands: torch.Tensor, screen: Int8Screen, two_parts: bool = False) -> Int8Candidates:
+    """float32 unit candidates [B, C, D] -> their int8 codes for `screen` (in this thread's scratch
+    buffers, until its next call), scales and measured rounding.
+
+    two_parts: each candidate as hi codes j (scale t) plus lo codes l of the remainder in steps of
+    t / LO_STEPS, q~_d = t (j_d + l_d / LO_STEPS) / s_d: twice the tile products, but the
+    candidate's rounding, ~40% of the screen's error with one part, all but disappears. The screen
+    marks a candidate for a group by its hi sums alone, `mark_slack` below its threshold:
+    |x~.(q~ - q~hi)| <= ||x~|| ||q~ - q~hi|| with ||x~|| <= 1 + row_error."""
     n_users, n_cands, dim = unit_cands.shape
+    two_parts = two_parts and dim <= TWO_PARTS_MAX_DIM
     cand_pad, dim_pad = -(-n_cands // 16) * 16, -(-dim // 64) * 64
+    dim_scale = screen.dim_scale
     scaled = unit_cands * dim_scale  # q'
-    step = scaled.abs().amax(-1) / LEVELS  # t [B, C]; 0 for a zero candidate
+    step = scaled.abs().amax(-1, keepdim=True) / LEVELS  # t [B, C, 1]; 0 for a zero candidate
     step = torch.where(step > 0, step, 1.0)
-    codes = scaled.div_(step.unsqueeze(-1)).round_().clamp_(-LEVELS, LEVELS)
+    exact = scaled.div_(step)  # q' / t
+    codes = exact.round().clamp_(-LEVELS, LEVELS)
     padded = scratch("int8-candidates", (n_users, cand_pad, dim_pad), torch.int8).zero_()
     padded[:, :n_cands, :dim] = codes
     scale = scratch("int8-candidate-scales", (n_users, cand_pad), torch.float32).fill_(1.0)
-    scale[:, :n_cands] = step
-    rounded = codes.mul_(step.unsqueeze(-1)).div_(dim_scale)  # q~
+    lo_padded, mark_slack = None, 0.0
+    if two_parts:
+        lo = exact.sub_(codes).mul_(LO_STEPS).round_()  # within +-LO_STEPS / 2
+        lo_padded = scratch("int8-candidates-lo", (n_users, cand_pad, dim_pad), torch.int8).zero_()
+        lo_padded[:, :n_cands, :dim] = lo
+        hi_rounded = codes.mul(step).div_(dim_scale)  # q~hi
+        codes = codes.add_(lo.div_(LO_STEPS))
+        scale[:, :n_cands] = step.squeeze(-1) / LO_STEPS
+    else:
+        scale[:, :n_cands] = step.squeeze(-1)
+    rounded = codes.mul_(step).div_(dim_scale)  # q~
+    if two_parts and rounded.numel():
+        reach = float(torch.linalg.vector_norm(rounded - hi_rounded, dim=-1).max())
+        mark_slack = 1.01 * (1 + screen.row_error) * reach + 1e-6  # + the float rounding of both sides
     norm = torch.linalg.vector_norm(rounded, dim=-1)
     error = torch.linalg.vector_norm(rounded.sub_(unit_cands), dim=-1)
     empty = error.numel() == 0
-    return Int8Candidates(padded, scale, 0.0 if empty else float(error.max()), 0.0 if empty else float(norm.max()))
+    return Int8Candidates(padded, scale, 0.0 if empty else float(error.max()), 0.0 if empty else float(norm.max()),
+                          lo_padded, mark_slack)
 
 
 def int8_screen_error(dim: int, row_error: float, cand_error: float, cand_norm: float) -> float:

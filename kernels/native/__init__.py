@@ -104,7 +104,7 @@ def _load():
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -218,7 +218,9 @@ def screen_topk(
         if not screen.is_contiguous() or screen.shape[1] != dim + dim % 2:
             raise ValueError(f"screen_topk: int8 `screen` must be contiguous [N+1, {dim + dim % 2}], got {tuple(screen.shape)}")
         cands, cand_pad = int8_cands.codes, int8_cands.codes.shape[1]
-        if cands.shape != (n_users, -(-n_cands // 16) * 16, -(-dim // 64) * 64) or not cands.is_contiguous():
+        shape = (n_users, -(-n_cands // 16) * 16, -(-dim // 64) * 64)
+        lo = int8_cands.lo
+        if cands.shape != shape or not cands.is_contiguous() or (lo is not None and (lo.shape != shape or not lo.is_contiguous())):
             raise ValueError(f"screen_topk: `int8_cands` do not match {n_users} users x {n_cands} candidates of dim {dim}")
         pairs = screen.shape[1] // 2  # the kernel reads int8 rows as 16-bit pairs
     elif screen.dtype != torch.bfloat16 or not screen.is_contiguous() or screen.shape[1] != dim:
@@ -246,6 +248,8 @@ def screen_topk(
         threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
         int(int8), int8_cands.scale.data_ptr() if int8 else None,
+        int8_cands.lo.data_ptr() if int8 and int8_cands.lo is not None else None,
+        int8_cands.mark_slack if int8 else 0.0,
     )
     if status != 0:
         raise MemoryError(f"screen_topk: could not allocate buffers for {n_users} users x {n_cands} candidates x {keep} kept")

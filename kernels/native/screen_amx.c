@@ -88,6 +88,12 @@ typedef struct {
     int64_t n_rows, dim, dim_pad;
     int int8;                /* rows and candidates are int8 (AMX-INT8 products, int32 sums) */
     const float *cand_scale; /* int8: [n_users, cand_pad] a candidate's score per unit of int32 sum */
+    /* int8 with candidates in two parts: hi codes in `cands`, lo codes (1/128 of a hi step) here,
+     * same layout; a unit is then one candidate tile, its hi and lo parts, and a score is
+     * (hi sum * 128 + lo sum) * scale. NULL: one part. */
+    const uint16_t *cands_lo;
+    float mark_slack;        /* two parts: the most the lo part moves a score (marks use hi alone) */
+    int64_t unit_tiles;      /* candidate tiles a unit scores: 2, or 1 with two parts */
     const int64_t *history;
     int64_t hist_stride;
     const int64_t *lengths;
@@ -122,6 +128,7 @@ typedef struct {
     float *tiles;       /* [2, 4, 16, 16] scores of one block of (up to) 32 candidates, double buffered
                          * (int8 screen: int32 sums, scaled to scores as they are read) */
     const float *scale; /* int8 screen: the current user's cand_scale row, else NULL */
+    int two_parts;      /* int8 screen with candidates in two parts (Job.cands_lo) */
     float *lane_best;   /* [n_cands, 2, 16] the sample's two best scores per candidate and lane */
     float *threshold;   /* [n_cands] */
     float *scores;      /* [n_cands, capacity + SLACK] */
@@ -353,11 +360,14 @@ static inline __m512 max16(__m512 a, __m512 b, int ints) {
 }
 
 /* Scores of one candidate's 16 lanes of a tile, -inf outside `valid`: the stored floats, or, with
- * the int8 screen, the int32 sums times the candidate's `scale`. */
-static inline __m512 tile_scores(const float *row, __mmask16 valid, const float *scale, int64_t c) {
+ * the int8 screen, the int32 sums times the candidate's scale (with two parts, the hi sums here
+ * times 128 plus the lo sums two tiles on). */
+static inline __m512 tile_scores(const Workspace *ws, const float *row, __mmask16 valid, int64_t c) {
     const __m512 low = _mm512_set1_ps(-INFINITY);
-    if (!scale) return _mm512_mask_load_ps(low, valid, row);
-    return _mm512_mask_mul_ps(low, valid, _mm512_cvtepi32_ps(_mm512_load_si512(row)), _mm512_set1_ps(scale[c]));
+    if (!ws->scale) return _mm512_mask_load_ps(low, valid, row);
+    __m512i sums = _mm512_load_si512(row);
+    if (ws->two_parts) sums = _mm512_add_epi32(_mm512_slli_epi32(sums, 7), _mm512_load_si512(row + 512));
+    return _mm512_mask_mul_ps(low, valid, _mm512_cvtepi32_ps(sums), _mm512_set1_ps(ws->scale[c]));
 }
 
 /* Bit c set where candidate c (< n) of a tile of 16 scores a row above threshold[c]: tile
@@ -368,8 +378,8 @@ static inline __m512 tile_scores(const float *row, __mmask16 valid, const float 
  * candidate took ~9. With the int8 screen (`scale`: the 16 candidates' scales) the maxima are
  * taken on the int32 sums and only they are scaled: the scaling is increasing, so it commutes
  * with the max. */
-static inline __mmask16 marks16(const float *tile, const float *threshold, const float *scale, int64_t n,
-                                __mmask16 valid0, __mmask16 valid1) {
+static inline __mmask16 marks16(const float *tile, const float *threshold, const float *scale, float factor,
+                                float slack, int64_t n, __mmask16 valid0, __mmask16 valid1) {
     /* rows of an ineligible lane score as -inf in the max: zero rows score 0, which a threshold below 0 would take */
     const int ints = scale != NULL;
     const __m512 low = ints ? _mm512_castsi512_ps(_mm512_set1_epi32(INT32_MIN)) : _mm512_set1_ps(-INFINITY);
@@ -393,8 +403,11 @@ static inline __mmask16 marks16(const float *tile, const float *threshold, const
     const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
     const __mmask16 lanes = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
     __m512 best = _mm512_permutexvar_ps(order, r);
-    if (ints) best = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(best)), _mm512_maskz_loadu_ps(lanes, scale));
-    return _mm512_mask_cmp_ps_mask(lanes, best, _mm512_maskz_loadu_ps(lanes, threshold), _CMP_GT_OQ);
+    if (ints)
+        best = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(best)),
+                             _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, scale), _mm512_set1_ps(factor)));
+    const __m512 bar = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, threshold), _mm512_set1_ps(slack));
+    return _mm512_mask_cmp_ps_mask(lanes, best, bar, _CMP_GT_OQ);
 }
 
 /* Appends, for candidates [c_begin, c_end) (at most 32, from a multiple of 16), the rows of one
@@ -411,8 +424,11 @@ static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint3
     const __mmask16 valid0 = (__mmask16)(valid & 0xFFFF), valid1 = (__mmask16)(valid >> 16);
     uint32_t marked = 0;
     for (int64_t t = 0; 16 * t < c_end - c_begin; t++)
+        /* with two parts, marked on the hi sums alone (x 128: the scale is per lo unit), a slack
+         * below the thresholds: the lo part moves a score by at most that */
         marked |= (uint32_t)marks16(tiles + t * 512, ws->threshold + c_begin + 16 * t,
-                                    ws->scale ? ws->scale + c_begin + 16 * t : NULL, c_end - c_begin - 16 * t,
+                                    ws->scale ? ws->scale + c_begin + 16 * t : NULL, ws->two_parts ? 128.0f : 1.0f,
+                                    ws->two_parts ? job->mark_slack : 0.0f, c_end - c_begin - 16 * t,
                                     valid0, valid1) << (16 * t);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i at0 = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)first));
@@ -421,7 +437,7 @@ static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint3
         const int64_t c = c_begin + __builtin_ctz(marked);
         const float *row = tiles + ((c - c_begin) / 16) * 512 + (c & 15) * 16;
         const __m512 thr = _mm512_set1_ps(ws->threshold[c]);
-        const __m512 v0 = tile_scores(row, valid0, ws->scale, c), v1 = tile_scores(row + 256, valid1, ws->scale, c);
+        const __m512 v0 = tile_scores(ws, row, valid0, c), v1 = tile_scores(ws, row + 256, valid1, c);
         const __mmask16 hit0 = _mm512_mask_cmp_ps_mask(valid0, v0, thr, _CMP_GT_OQ);
         const __mmask16 hit1 = _mm512_mask_cmp_ps_mask(valid1, v1, thr, _CMP_GT_OQ);
         int64_t n = ws->count[c];
@@ -459,11 +475,12 @@ typedef struct {
 } Fetch;
 
 /* Scores one gathered group (`rows`, pair layout) against candidate tiles `tile` and, with
- * `pair`, tile + 1, into quartet [4, 16, 16] (tile 2t + b: candidate tile t x row block b). */
-static inline void score_unit(const Job *job, const uint16_t *cands, int64_t tile, int pair, const uint32_t *rows,
-                              Fetch *fetch, float *quartet) {
+ * `pair`, tile + 1 (or, given `lo`, the lo parts of tile), into quartet [4, 16, 16] (tile 2t + b:
+ * candidate tile t (or part t) x row block b). */
+static inline void score_unit(const Job *job, const uint16_t *cands, const uint16_t *lo, int64_t tile, int pair,
+                              const uint32_t *rows, Fetch *fetch, float *quartet) {
     const int64_t dim_pad = job->dim_pad, k_tiles = dim_pad / 32;
-    const uint16_t *a0 = cands + tile * 16 * dim_pad, *a1 = a0 + 16 * dim_pad;
+    const uint16_t *a0 = cands + tile * 16 * dim_pad, *a1 = lo ? lo + tile * 16 * dim_pad : a0 + 16 * dim_pad;
     const int int8 = job->int8;
 /* bf16 pairs into float32 sums, or int8 quartets into int32 sums (exact) */
 #define TILE_PRODUCT(acc, a, b) do { if (int8) _tile_dpbssd(acc, a, b); else _tile_dpbf16ps(acc, a, b); } while (0)
@@ -509,7 +526,8 @@ static inline void score_unit(const Job *job, const uint16_t *cands, int64_t til
  * with the lowest of 8 lane maxima as the value; the two best per lane then took the hits to
  * 53K); the (candidate, group) events with a hit fall less, since late hits come alone. */
 static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids, int64_t start, int64_t end,
-                              int64_t tile_begin, int64_t tile_end, int64_t c_last, const uint16_t *cands) {
+                              int64_t tile_begin, int64_t tile_end, int64_t c_last, const uint16_t *cands,
+                              const uint16_t *lo) {
     const int64_t every = job->sample_every;
     const int64_t n_sampled = (end - start + every - 1) / every;
     int64_t *sampled = malloc((size_t)(n_sampled + GROUP_ROWS) * sizeof(int64_t));
@@ -528,13 +546,13 @@ static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids,
         for (; fetch.next < fetch_to; fetch.next++) prefetch_row(job, sampled[fetch.next]);
         if (!valid) continue;
         const __mmask16 valid0 = (__mmask16)(valid & 0xFFFF), valid1 = (__mmask16)(valid >> 16);
-        for (int64_t tile = tile_begin; tile < tile_end; tile += 2) {
-            score_unit(job, cands, tile, tile + 1 < tile_end, ws->rows, &fetch, ws->tiles);
-            const int64_t c1 = tile * 16 + 32 < c_last ? tile * 16 + 32 : c_last;
+        for (int64_t tile = tile_begin; tile < tile_end; tile += job->unit_tiles) {
+            score_unit(job, cands, lo, tile, lo || tile + 1 < tile_end, ws->rows, &fetch, ws->tiles);
+            const int64_t c1 = tile * 16 + 16 * job->unit_tiles < c_last ? tile * 16 + 16 * job->unit_tiles : c_last;
             for (int64_t c = tile * 16; c < c1; c++) {
                 const float *row = ws->tiles + ((c - tile * 16) / 16) * 512 + (c & 15) * 16;
                 __m512 first = _mm512_load_ps(ws->lane_best + c * 32), second = _mm512_load_ps(ws->lane_best + c * 32 + 16);
-                const __m512 v0 = tile_scores(row, valid0, ws->scale, c), v1 = tile_scores(row + 256, valid1, ws->scale, c);
+                const __m512 v0 = tile_scores(ws, row, valid0, c), v1 = tile_scores(ws, row + 256, valid1, c);
                 second = _mm512_max_ps(second, _mm512_min_ps(first, v0));
                 first = _mm512_max_ps(first, v0);
                 second = _mm512_max_ps(second, _mm512_min_ps(first, v1));
@@ -592,9 +610,12 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     const int64_t *ids = job->history + user * job->hist_stride;
     const int64_t k_tiles = dim_pad / 32;
     const int64_t tile_begin = job->item_tile_begin[item], tile_end = job->item_tile_end[item];
-    const int64_t units = (tile_end - tile_begin + 1) / 2;  /* pairs of candidate tiles, the last maybe single */
+    const int64_t unit_tiles = job->unit_tiles;
+    /* pairs of candidate tiles, the last maybe single (with two parts: single tiles) */
+    const int64_t units = (tile_end - tile_begin + unit_tiles - 1) / unit_tiles;
     const int64_t c_first = tile_begin * 16, c_last = tile_end * 16 < n_cands ? tile_end * 16 : n_cands;
     const uint16_t *cands = job->cands + user * job->cand_pad * dim_pad;
+    const uint16_t *lo = job->cands_lo ? job->cands_lo + user * job->cand_pad * dim_pad : NULL;
     const int64_t rows_per_group = 2 * k_tiles * 256;
     const int64_t per_step = (GROUP_ROWS + units * k_tiles - 1) / (units * k_tiles);
     int64_t n_valid = 0;
@@ -603,6 +624,7 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     int64_t slot = 0;
 
     ws->scale = job->int8 ? job->cand_scale + user * job->cand_pad : NULL;
+    ws->two_parts = lo != NULL;
     for (int64_t c = c_first; c < c_last; c++) {
         ws->threshold[c] = -INFINITY;
         ws->count[c] = 0;
@@ -610,7 +632,7 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
     }
     /* from 16 sampled rows on (B = 100, L = 1,000, C = 1,000: 221 -> 214 ms against 64) */
     if (job->sample_every > 0 && (end - start) / job->sample_every >= 16)
-        sample_thresholds(job, ws, ids, start, end, tile_begin, tile_end, c_last, cands);
+        sample_thresholds(job, ws, ids, start, end, tile_begin, tile_end, c_last, cands, lo);
     Fetch fetch = {ids, start, end, per_step};
     for (; fetch.next < start + PREFETCH_GROUPS * GROUP_ROWS && fetch.next < end; fetch.next++) prefetch_row(job, ids[fetch.next]);
 
@@ -624,11 +646,11 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         const int64_t fetch_to = g + (PREFETCH_GROUPS + 1) * GROUP_ROWS < end ? g + (PREFETCH_GROUPS + 1) * GROUP_ROWS : end;
         n_valid += __builtin_popcount(valid);
         if (valid) {
-            for (int64_t tile = tile_begin; tile < tile_end; tile += 2) {
+            for (int64_t tile = tile_begin; tile < tile_end; tile += unit_tiles) {
                 fetch.end = fetch_to;
-                score_unit(job, cands, tile, tile + 1 < tile_end, rows, &fetch, ws->tiles + (slot & 1) * 1024);
+                score_unit(job, cands, lo, tile, lo || tile + 1 < tile_end, rows, &fetch, ws->tiles + (slot & 1) * 1024);
                 if (pending_valid) {
-                    const int64_t c0 = pending_tile * 16, c1 = c0 + 32 < c_last ? c0 + 32 : c_last;
+                    const int64_t c0 = pending_tile * 16, c1 = c0 + 16 * unit_tiles < c_last ? c0 + 16 * unit_tiles : c_last;
                     select_unit(job, ws, ws->tiles + ((slot - 1) & 1) * 1024, pending_valid, pending_first, c0, c1);
                 }
                 pending_valid = valid;
@@ -640,7 +662,7 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         for (; fetch.next < fetch_to; fetch.next++) prefetch_row(job, ids[fetch.next]);
     }
     if (pending_valid) {
-        const int64_t c0 = pending_tile * 16, c1 = c0 + 32 < c_last ? c0 + 32 : c_last;
+        const int64_t c0 = pending_tile * 16, c1 = c0 + 16 * unit_tiles < c_last ? c0 + 16 * unit_tiles : c_last;
         select_unit(job, ws, ws->tiles + ((slot - 1) & 1) * 1024, pending_valid, pending_first, c0, c1);
     }
 
@@ -725,18 +747,24 @@ static void *worker(void *arg) {
  * finite window): each range's thresholds start from a sample of one row in sample_every
  * (`sample_thresholds`; a range too short for 16 sampled rows starts from -inf). With `int8`, the
  * screen and the candidates hold int8 values (see the file comment) and `cand_scale` [n_users,
- * cand_pad] turns each candidate's int32 sums into scores. */
+ * cand_pad] turns each candidate's int32 sums into scores; with `cands_lo` (same layout as
+ * cands) the candidates come in two parts, hi and lo codes, a score being (hi sum x 128 + lo sum)
+ * x cand_scale, and a candidate is marked for a group by its hi sums alone, `mark_slack` below
+ * its threshold. */
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
                          int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window,
                          int64_t sample_every, int64_t splits,
                          int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
-                         float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale) {
+                         float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
+                         const uint16_t *cands_lo, double mark_slack) {
     Job job;
     memset(&job, 0, sizeof(job));
     job.screen = screen; job.n_rows = n_rows; job.dim = dim; job.dim_pad = (dim + 31) / 32 * 32;
     job.int8 = int8 != 0; job.cand_scale = cand_scale;
+    job.cands_lo = job.int8 ? cands_lo : NULL; job.mark_slack = (float)mark_slack;
+    job.unit_tiles = job.cands_lo ? 1 : 2;
     job.history = history; job.hist_stride = hist_stride; job.lengths = lengths;
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
     job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window;
@@ -748,7 +776,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     if (span < GROUP_ROWS) span = GROUP_ROWS;
     splits = (block_len + span - 1) / span;
     if (splits < 1) splits = 1;
-    const int64_t cand_units = (cand_pad / 16 + 1) / 2;  /* candidates are split between pairs of tiles */
+    /* candidates are split between units: pairs of tiles (single tiles with two parts) */
+    const int64_t cand_units = (cand_pad / 16 + job.unit_tiles - 1) / job.unit_tiles;
     if (cand_splits > cand_units) cand_splits = cand_units;
     if (cand_splits < 1) cand_splits = 1;
     const int64_t per_user = splits * cand_splits;
@@ -775,8 +804,8 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                 item_user[i] = u;
                 item_user[job.n_items + i] = s * span;
                 item_user[2 * job.n_items + i] = (s + 1) * span < block_len ? (s + 1) * span : block_len;
-                item_user[3 * job.n_items + i] = 2 * (t * cand_units / cand_splits);
-                const int64_t tile_end = 2 * ((t + 1) * cand_units / cand_splits);
+                item_user[3 * job.n_items + i] = job.unit_tiles * (t * cand_units / cand_splits);
+                const int64_t tile_end = job.unit_tiles * ((t + 1) * cand_units / cand_splits);
                 item_user[4 * job.n_items + i] = tile_end < cand_pad / 16 ? tile_end : cand_pad / 16;
                 item_user[5 * job.n_items + i] = t == 0;
             }
