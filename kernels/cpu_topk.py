@@ -39,7 +39,10 @@ Two strategies, chosen per block of users (details and measurements in docs/gsu.
   proof of step 3 uses the same way (with no relative term: its scores are float32 sums), its
   buffers drop what screens more than twice that error below the running k-th best (it cannot
   be in the top-k), and an unproven candidate is first screened again with NATIVE_REGROW times
-  more survivors (a pass is cheap there). USE_NATIVE = False forces the torch screen.
+  more survivors (a pass is cheap there). USE_NATIVE = False forces the torch screen. Where the
+  CPU also has AMX-INT8 and few candidates share a long history (`_int8_pays`), the fused screen
+  reads an int8 copy of the table instead (`kernels.int8_screen`: half the bytes, a wider
+  window from its own measured rounding, the same proof). USE_INT8 = False keeps the bf16 copy.
 
   Ineligible behaviours (padding, id 0, zero rows) score as zero vectors in the screen and are
   dropped at re-scoring; the proof counts eligible survivors only, so they may take a survivor
