@@ -66,7 +66,7 @@ import torch
 from kernels import native
 from kernels._keys import pack_keys, unpack_keys
 from kernels.hugepages import empty_huge
-from kernels.int8_screen import Int8Candidates, Int8Screen, build_int8_screen, int8_screen_error, quantize_candidates
+from kernels.int8_screen import Int8Screen, build_int8_screen, int8_screen_error, quantize_candidates
 from kernels.scratch import scratch
 
 __all__ = ["cosine_topk_cpu", "screen_error_bound"]
@@ -539,14 +539,9 @@ class _Screener:
         [Bb, C]: True where the result is proven to be the exact top-k.
         """
         table = self.table
-        if self.int8 and _int8_pays(history.shape[1], unit_cands.shape[1]):
-            int8 = _int8_copy(table, self.prep)
-            int8_cands = quantize_candidates(unit_cands, int8, two_parts=INT8_TWO_PARTS)
-            absolute = int8_screen_error(table.shape[1], int8.row_error, int8_cands.error, int8_cands.norm)
-            return self._fused(unit_cands, history, lengths, k, keep * INT8_KEEP_FACTOR, sampled, absolute, int8_cands)
-        absolute, relative = self.error(unit_cands, rounded=not self.fused)
         if self.fused:
-            return self._fused(unit_cands, history, lengths, k, keep, sampled, absolute)
+            return self._fused(unit_cands, history, lengths, k, keep, sampled)
+        absolute, relative = self.error(unit_cands, rounded=True)  # the torch screen rounds its scores to bf16
         approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
         kept = approx.shape[-1]
         ids = history.gather(1, positions.flatten(1)).view_as(positions)  # [Bb, C, kept]
@@ -568,29 +563,29 @@ class _Screener:
         top_positions = torch.nn.functional.pad(top_positions, (0, missing), value=-1)
         return scores, top_positions, complete
 
-    def _fused(
-        self,
-        unit_cands: torch.Tensor,
-        history: torch.Tensor,
-        lengths: torch.Tensor,
-        k: int,
-        keep: int,
-        sampled: bool,
-        absolute: float,
-        int8_cands: Int8Candidates | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`select` with the fused native screen: from the bf16 copy, or from the int8 copy with
-        `int8_cands`; `absolute` bounds the screen's error (relative 0: float32 results)."""
+    def _fused(self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int,
+               sampled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`select` with the fused native screen: from the int8 copy where it pays (`_int8_pays`,
+        INT8_KEEP_FACTOR x `keep` survivors at most), else from the bf16 copy. Either screen's
+        error is absolute (relative 0: float32 results)."""
+        n_users, n_cands = unit_cands.shape[:2]
+        int8_cands = None
+        if self.int8 and _int8_pays(history.shape[1], n_cands):
+            int8 = _int8_copy(self.table, self.prep)
+            int8_cands = quantize_candidates(unit_cands, int8, two_parts=INT8_TWO_PARTS)
+            absolute = int8_screen_error(self.table.shape[1], int8.row_error, int8_cands.error, int8_cands.norm)
+            screen, keep = int8.rows, keep * INT8_KEEP_FACTOR
+        else:
+            absolute, _ = self.error(unit_cands, rounded=False)
+            screen = self.prep.screen
         # A behaviour screened 2 x error below a k-th best screened score is below the k-th
         # exact one; the 1% more keeps the proof's inequality strict.
-        n_users, n_cands = unit_cands.shape[:2]
         out = (
             scratch("fused-screened", (n_users, n_cands, keep), torch.float32),
             scratch("fused-positions", (n_users, n_cands, keep), torch.int64),
             scratch("fused-bound", (n_users, n_cands), torch.float32),
             scratch("fused-valid", (n_users,), torch.int64),
         )
-        screen = self.prep.screen if int8_cands is None else self.prep.int8.rows
         screened, positions, bound, _ = native.screen_topk(
             screen, unit_cands, history, lengths, keep, k, 2.02 * absolute,
             sample_every=native.sampled_start(k, n_cands) if sampled else 0, out=out, int8_cands=int8_cands,

@@ -452,3 +452,18 @@ def test_the_int8_copy_screens_long_histories_with_few_candidates(monkeypatch, s
         ref = cosine_topk_reference(table, candidates, history, lengths, 10)
         assert torch.equal(fast[1], ref[1])
         torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_each_screen_takes_the_error_of_its_own_arithmetic(monkeypatch, screen_kind, force_screen):
+    # The torch screen's matmul rounds scores to bf16 (a relative error term); the fused screen
+    # returns float32 sums (none): a proof with the wrong one could call an incomplete result exact.
+    asked = []
+    original = cpu_topk._Screener.error
+    monkeypatch.setattr(cpu_topk._Screener, "error", lambda self, cands, rounded: asked.append(rounded) or original(self, cands, rounded))
+    table = make_table(400, 24, torch.float32)
+    candidates, history, lengths = random_batch(400, 2, 300, 9, [300, 250])
+    cosine_topk(table, candidates, history, lengths, 10, impl="cpu")
+    if screen_kind == "int8-screen":
+        assert asked == []  # the int8 screen's error comes from kernels.int8_screen
+    else:
+        assert asked and all(rounded == (screen_kind == "torch-screen") for rounded in asked)
