@@ -65,7 +65,7 @@ import torch
 
 from kernels import native
 from kernels._keys import pack_keys, unpack_keys
-from kernels.hugepages import empty_huge
+from kernels.hugepages import collapse_to_huge, empty_huge
 from kernels.int8_screen import Int8Screen, build_int8_screen, int8_screen_error, quantize_candidates
 from kernels.scratch import scratch
 
@@ -422,7 +422,8 @@ class _TablePrep:
 
 
 def _table_prep(table: torch.Tensor) -> _TablePrep | None:
-    """The reciprocal row norms of `table` and (if small enough) its normalised bfloat16 copy.
+    """The reciprocal row norms of `table` and (if small enough) its normalised bfloat16 copy;
+    the table's own memory is moved onto huge pages (`collapse_to_huge`, best effort).
 
     Built once and kept for the last table seen, while that very tensor is unmodified (identity
     and version counter): re-normalising the gathered rows on every call costs several passes
@@ -438,7 +439,9 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
     if _PREP and _PREP[0]() is table and _PREP[1] == version and (_PREP[2].screen is not None) == with_screen:
         return _PREP[2]
     inv_norm = torch.empty(table.shape[0])
-    # Read at random rows on every call: huge pages spare most TLB misses (kernels/hugepages.py).
+    # Read at random rows on every call: huge pages spare most TLB misses (kernels/hugepages.py);
+    # the table itself too, for the exact re-scoring.
+    collapse_to_huge(table)
     screen = empty_huge(tuple(table.shape), torch.bfloat16) if with_screen else None
     row_error = torch.empty(table.shape[0]) if with_screen else None
     step = max(1, ROW_BUDGET // max(1, table.shape[1]))

@@ -88,44 +88,27 @@ TWO_PARTS_MAX_DIM = 1_024
 
 def quantize_candidates(unit_cands: torch.Tensor, screen: Int8Screen, two_parts: bool = False) -> Int8Candidates:
     """float32 unit candidates [B, C, D] -> their int8 codes for `screen` (in this thread's scratch
-    buffers, until its next call), scales and measured rounding.
+    buffers, until its next call), scales and measured rounding, in one native call
+    (`kernels.native.quantize_int8_candidates`; needs the native kernels).
 
-    two_parts: each candidate as hi codes j (scale t) plus lo codes l of the remainder in steps of
-    t / LO_STEPS, q~_d = t (j_d + l_d / LO_STEPS) / s_d: twice the tile products, but the
-    candidate's rounding, ~40% of the screen's error with one part, all but disappears. The screen
-    marks a candidate for a group by its hi sums alone, `mark_slack` below its threshold:
-    |x~.(q~ - q~hi)| <= ||x~|| ||q~ - q~hi|| with ||x~|| <= 1 + row_error."""
+    Each candidate's unit vector q becomes q'_d = q_d * s_d, quantised with a scale of its own
+    t = max |q'| / 127: codes j_d. two_parts: each candidate as hi codes j plus lo codes l of the
+    remainder in steps of t / LO_STEPS, q~_d = t (j_d + l_d / LO_STEPS) / s_d: twice the tile
+    products, but the candidate's rounding, ~40% of the screen's error with one part, all but
+    disappears. The screen marks a candidate for a group by its hi sums alone, `mark_slack` below
+    its threshold: |x~.(q~ - q~hi)| <= ||x~|| ||q~ - q~hi|| with ||x~|| <= 1 + row_error."""
+    from kernels import native  # native imports this module's types
+
     n_users, n_cands, dim = unit_cands.shape
     two_parts = two_parts and dim <= TWO_PARTS_MAX_DIM
-    cand_pad, dim_pad = -(-n_cands // 16) * 16, -(-dim // 64) * 64
-    dim_scale = screen.dim_scale
-    scaled = unit_cands * dim_scale  # q'
-    step = scaled.abs().amax(-1, keepdim=True) / LEVELS  # t [B, C, 1]; 0 for a zero candidate
-    step = torch.where(step > 0, step, 1.0)
-    exact = scaled.div_(step)  # q' / t
-    codes = exact.round().clamp_(-LEVELS, LEVELS)
-    padded = scratch("int8-candidates", (n_users, cand_pad, dim_pad), torch.int8).zero_()
-    padded[:, :n_cands, :dim] = codes
-    scale = scratch("int8-candidate-scales", (n_users, cand_pad), torch.float32).fill_(1.0)
-    lo_padded, mark_slack = None, 0.0
-    if two_parts:
-        lo = exact.sub_(codes).mul_(LO_STEPS).round_()  # within +-LO_STEPS / 2
-        lo_padded = scratch("int8-candidates-lo", (n_users, cand_pad, dim_pad), torch.int8).zero_()
-        lo_padded[:, :n_cands, :dim] = lo
-        hi_rounded = codes.mul(step).div_(dim_scale)  # q~hi
-        codes = codes.add_(lo.div_(LO_STEPS))
-        scale[:, :n_cands] = step.squeeze(-1) / LO_STEPS
-    else:
-        scale[:, :n_cands] = step.squeeze(-1)
-    rounded = codes.mul_(step).div_(dim_scale)  # q~
-    if two_parts and rounded.numel():
-        reach = float(torch.linalg.vector_norm(rounded - hi_rounded, dim=-1).max())
-        mark_slack = 1.01 * (1 + screen.row_error) * reach + 1e-6  # + the float rounding of both sides
-    norm = torch.linalg.vector_norm(rounded, dim=-1)
-    error = torch.linalg.vector_norm(rounded.sub_(unit_cands), dim=-1)
-    empty = error.numel() == 0
-    return Int8Candidates(padded, scale, 0.0 if empty else float(error.max()), 0.0 if empty else float(norm.max()),
-                          lo_padded, mark_slack)
+    shape = (n_users, -(-n_cands // 16) * 16, -(-dim // 64) * 64)
+    codes = scratch("int8-candidates", shape, torch.int8)
+    lo = scratch("int8-candidates-lo", shape, torch.int8) if two_parts else None
+    scale = scratch("int8-candidate-scales", shape[:2], torch.float32)
+    error, norm, reach = native.quantize_int8_candidates(unit_cands, screen.dim_scale, LO_STEPS, codes, lo, scale)
+    # + the float rounding of both sides
+    mark_slack = 1.01 * (1 + screen.row_error) * reach + 1e-6 if two_parts and unit_cands.numel() else 0.0
+    return Int8Candidates(codes, scale, error, norm, lo, mark_slack)
 
 
 def int8_screen_error(dim: int, row_error: float, cand_error: float, cand_norm: float) -> float:

@@ -23,14 +23,18 @@ import tempfile
 import threading
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from kernels.int8_screen import Int8Candidates
 from kernels.scratch import scratch
 
-__all__ = ["available", "int8_available", "rescore_topk", "screen_topk", "unavailable_reason"]
+if TYPE_CHECKING:  # int8_screen calls into this module
+    from kernels.int8_screen import Int8Candidates
 
-_SOURCE = Path(__file__).with_name("screen_amx.c")
+__all__ = ["available", "int8_available", "quantize_int8_candidates", "rescore_topk", "screen_topk", "unavailable_reason"]
+
+_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -93,7 +97,7 @@ def _load():
     try:
         library = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"could not build {_SOURCE.name}: {error}"
+        return None, f"could not build {', '.join(source.name for source in _SOURCES)}: {error}"
     if not library.muse_amx_available():
         return None, "the OS does not grant this process the AMX state"
     _STATE["int8"] = bool(library.muse_amx_int8_available()) and "amx_int8" in _cpu_flags()
@@ -113,12 +117,18 @@ def _load():
                         ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int64,
                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["rescore"] = rescore
+    quantize = library.muse_quantize_candidates
+    quantize.restype = None
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    _STATE["quantize"] = quantize
     return fn, None
 
 
 def _build() -> Path:
     compiler = os.environ.get("CC", "cc")
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     digest = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"screen_amx-{digest}.so"
     if target.exists():
@@ -128,7 +138,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, *map(str, _SOURCES)], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise OSError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -264,6 +274,34 @@ def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
     padded = scratch("screen-candidates", (n_users, cand_pad, dim_pad), torch.bfloat16).zero_()
     padded[:, :n_cands, :dim] = unit_cands
     return padded, cand_pad
+
+
+def quantize_int8_candidates(
+    unit_cands: torch.Tensor, dim_scale: torch.Tensor, lo_steps: int, codes: torch.Tensor, lo: torch.Tensor | None,
+    scale: torch.Tensor,
+) -> tuple[float, float, float]:
+    """Quantises unit candidates for the int8 screen, in one native call (int8_candidates.c has
+    the arithmetic; kernels.int8_screen.quantize_candidates is the caller).
+
+    Args: unit_cands float32 [B, C, D]; dim_scale float32 [D]; lo_steps: lo codes per hi step;
+    codes int8 [B, C', D''] and lo (same, or None: one part) written whole, zero padded;
+    scale float32 [B, C'] written (1 in padding).
+    Returns the largest ||q~ - q||, ||q~|| and (two parts) ||q~ - q~hi|| over the candidates, in
+    float64 (0 without candidates).
+    Raises RuntimeError when `available()` is False.
+    """
+    if _screen_fn() is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    n_users, n_cands, dim = unit_cands.shape
+    unit_cands, dim_scale = unit_cands.float().contiguous(), dim_scale.float().contiguous()
+    stats = (ctypes.c_double * 3)()
+    _STATE["quantize"](
+        unit_cands.data_ptr(), n_users, n_cands, dim, dim_scale.data_ptr(), codes.shape[1], codes.shape[2],
+        int(lo is not None), lo_steps, codes.data_ptr(), lo.data_ptr() if lo is not None else None, scale.data_ptr(), stats,
+    )
+    if any(math.isnan(value) for value in stats):
+        raise MemoryError("quantize_int8_candidates: could not allocate its buffer")
+    return stats[0], stats[1], stats[2]
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}

@@ -1,9 +1,10 @@
-"""kernels.hugepages: aligned, usable storage for large tables; plain tensors for small ones."""
+"""kernels.hugepages: aligned, usable storage for large tables; plain tensors for small ones; a
+caller's table moved onto huge pages in place."""
 from __future__ import annotations
 
 import torch
 
-from kernels.hugepages import HUGE_PAGE, empty_huge
+from kernels.hugepages import HUGE_PAGE, collapse_to_huge, empty_huge
 
 
 def test_large_tensors_start_on_a_huge_page_and_behave_as_tensors():
@@ -18,3 +19,31 @@ def test_large_tensors_start_on_a_huge_page_and_behave_as_tensors():
 def test_small_tensors_are_plain():
     t = empty_huge((10, 3), torch.float32)
     assert t.shape == (10, 3) and t.dtype == torch.float32
+
+
+def _huge_kib_around(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds `address`."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_collapse_keeps_the_contents_and_where_it_reports_success_the_pages_are_huge():
+    table = torch.randn(48 * HUGE_PAGE // 4)  # 48 MiB of float32, plain pages
+    before = table.clone()
+    done = collapse_to_huge(table)
+    assert torch.equal(table, before)
+    if done:  # Linux 6.1+ with transparent huge pages: the aligned inside is now on huge pages
+        assert _huge_kib_around(table.data_ptr() + table.numel() * 2) >= 46 * HUGE_PAGE // 1024
+
+
+def test_collapse_leaves_small_and_strided_tensors_alone():
+    assert not collapse_to_huge(torch.ones(10, 3))
+    assert not collapse_to_huge(torch.ones(48 * HUGE_PAGE // 8, 2)[:, 0])
