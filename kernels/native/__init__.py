@@ -14,6 +14,7 @@ and the flags, written to a temporary name and renamed so concurrent first uses 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import logging
@@ -107,8 +108,9 @@ def _load():
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_double]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -157,15 +159,37 @@ MIN_SPLIT_ROWS = 16_384
 # 4-10% at C = 100 to 1,000).
 MIN_SAMPLE_EVERY = 16
 MIN_SAMPLED_CANDIDATES = 64
+# The most likely a candidate's sample is to fail its proof (a second screen then settles it).
+SAMPLE_FAILURE = 1e-5
+SAMPLE_VALUES = 64  # sampled bests kept per candidate (screen_amx.c)
 
 
 def sampled_start(k: int, n_cands: int) -> int:
-    """`sample_every` for a first screen for the top-k of n_cands candidates: one row in k. At
-    least 8 sampled behaviours reach the sampled value, so at least as many of a piece's
-    behaviours reach it as reach the 8th best of a sample of one in k: about Gamma(8) x k of them
-    or more, fewer than k with probability ~1e-5 whatever the scores. 0 (thresholds from -inf)
-    for small k or few candidates, where the sample would cost more than it saves."""
+    """`sample_every` for a first screen for the top-k of n_cands candidates: one row in k, so the
+    sample holds about one of a candidate's k best behaviours and its value, ranked
+    `sample_rank` (8), lies near the user's 8k-th best. 0 (thresholds from -inf) for small k or
+    few candidates, where the sample would cost more than it saves. (A denser sample starts
+    higher, but at L = 100K, C = 100, k = 50 one row in 10 ranked 17th saved fewer hits, 79K ->
+    52K, than its rows cost.)"""
     return k if k >= MIN_SAMPLE_EVERY and n_cands >= MIN_SAMPLED_CANDIDATES else 0
+
+
+@functools.lru_cache(maxsize=256)
+def sample_rank(k: int, sample_every: int) -> int:
+    """The rank, among the sampled scores of one row in `sample_every`, a screen's thresholds
+    start from (a window below): the smallest r for which more than r - 1 of a candidate's k - 1
+    best behaviours are sampled with probability at most SAMPLE_FAILURE (binomial, the sampled
+    positions taken as random). Only then can fewer than k behaviours reach the value and the
+    proof fail; whatever the scores, at least r sampled behaviours do.
+    Raises ValueError where r would exceed the sampled bests kept (too dense a sample for k)."""
+    p, n = 1.0 / sample_every, k - 1
+    tail = 1.0  # P(X >= r), X ~ Binomial(n, p)
+    for r in range(1, SAMPLE_VALUES):
+        tail -= math.comb(n, r - 1) * p ** (r - 1) * (1 - p) ** (n - r + 1)
+        if tail <= SAMPLE_FAILURE:
+            return r
+    raise ValueError(f"screen_topk: a sample of one row in {sample_every} for k = {k} needs a rank past the "
+                     f"{SAMPLE_VALUES - 1} sampled bests kept; sample fewer rows")
 
 
 def screen_topk(
@@ -194,11 +218,11 @@ def screen_topk(
         k: the top-k the survivors are for; window: a behaviour screened more than this below a
             candidate's k-th best screened score is dropped (`inf`: never). With window at least
             twice the screen's error, such a behaviour cannot be in the exact top-k.
-        sample_every: > 0: each piece's thresholds start from a sample of every this-many-th row,
-            a window below a score that ~8 x sample_every or more of its behaviours reach (see
-            `sampled_start`); the caller's proof fails, rarely, where fewer than k of a user's
-            behaviours reach it, and a second screen without a sample settles those. 0: thresholds
-            start at -inf. Ignored with an infinite window.
+        sample_every: > 0: thresholds start from a sample of every this-many-th row of the user
+            (all its pieces' samples together), a window below its `sample_rank`-th best; the
+            caller's proof fails, rarely, where fewer than k of a user's behaviours reach that
+            value, and a second screen without a sample settles those. 0: thresholds start at
+            -inf. Ignored with an infinite window.
         threads: worker threads (default torch.get_num_threads()). When users are fewer than
             threads, a user's history is split into pieces of at least MIN_SPLIT_ROWS rows, and
             where that leaves threads idle (shorter histories) its candidates into ranges of 32
@@ -254,7 +278,8 @@ def screen_topk(
     cand_splits = max(1, math.ceil(threads / (n_users * splits)))
     status = fn(
         screen.data_ptr(), screen.shape[0], pairs, history.data_ptr(), history.stride(0), lengths.data_ptr(),
-        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, sample_every, splits, cand_splits,
+        n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, sample_every,
+        sample_rank(k, sample_every) if sample_every > 0 else 1, splits, cand_splits,
         threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
         int(int8), int8_cands.scale.data_ptr() if int8 else None,

@@ -7,7 +7,7 @@
  * running threshold in a small buffer. When a buffer fills it is cut back to the behaviours within
  * a window (twice the screen's error) of its k-th best, `keep` at most, and the threshold rises
  * to the cut. Thresholds start at -inf, or, with many candidates, from a sample of the rows
- * (`sample_thresholds`). The [L, C] score matrix never exists: a group's scores live in a few KiB
+ * (`start_from_samples`). The [L, C] score matrix never exists: a group's scores live in a few KiB
  * of tiles.
  *
  * Scores come out as tiles [16 candidates x 16 rows], so one vector holds a candidate's scores of
@@ -103,10 +103,17 @@ typedef struct {
     int64_t k;     /* the final top-k: rows far below a candidate's k-th best are dropped */
     float window;  /* ... when they screen more than this below it (twice the screen's error) */
     int64_t sample_every;  /* thresholds start from a sample of every this-many-th row (0: from -inf) */
+    int64_t sample_rank;   /* ... at the sample's this-th best (`start_from_samples`) */
+    /* users split in row ranges: each item's sampled bests [n_items, n_cands, SAMPLE_VALUES], from
+     * a first parallel pass (`sample_phase`), so that every piece starts from the whole user's
+     * sample; NULL: an item samples its own rows just before screening them */
+    float *sample_bests;
+    int sample_phase;
     /* work items: user, row range and candidate tiles [tile_begin, tile_end) of 16; items of one
      * user are contiguous, and only the first of a row range counts its eligible rows */
     const int64_t *item_user, *item_start, *item_end, *item_tile_begin, *item_tile_end, *item_counts_rows;
-    int64_t n_items;
+    const int64_t *item_piece;  /* the item's row range: item = (user * splits + piece) * cand_splits + t */
+    int64_t n_items, splits, cand_splits;
     /* final results [n_users, n_cands, (keep)], written by the items themselves where a user's rows
      * are not split (`direct`: its items hold disjoint candidates), else merged from ... */
     float *out_scores;
@@ -129,7 +136,8 @@ typedef struct {
                          * (int8 screen: int32 sums, scaled to scores as they are read) */
     const float *scale; /* int8 screen: the current user's cand_scale row, else NULL */
     int two_parts;      /* int8 screen with candidates in two parts (Job.cands_lo) */
-    float *lane_best;   /* [n_cands, 2, 16] the sample's two best scores per candidate and lane */
+    float *lane_best;   /* [n_cands, SAMPLE_VALUES] an unsplit user's sampled bests (sample_rows) */
+    float *pool;        /* [splits, SAMPLE_VALUES] scratch of start_from_samples */
     float *threshold;   /* [n_cands] */
     float *scores;      /* [n_cands, capacity + SLACK] */
     int32_t *positions; /* [n_cands, capacity + SLACK] */
@@ -216,6 +224,19 @@ static int32_t find_cut(const float *scores, int64_t n, int64_t keep, int64_t ex
         bisect = !bisect && 2 * (hi - lo) > width;
     }
     return (int32_t)lo;
+}
+
+/* The lowest of scores[0, n) whose key is at least t (one is): with t from find_cut(.., keep, 0),
+ * the keep-th best itself, where find_cut's key may lie anywhere above the next one. */
+static float lowest_from(const float *scores, int64_t n, int32_t t) {
+    const __m512i floor = _mm512_set1_epi32(t);
+    __m512i low = _mm512_set1_epi32(INT32_MAX);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 lanes = entry_lanes(n, i);
+        const __m512i key = order_keys(_mm512_maskz_loadu_ps(lanes, scores + i));
+        low = _mm512_mask_min_epi32(low, _mm512_mask_cmp_epi32_mask(lanes, key, floor, _MM_CMPINT_NLT), low, key);
+    }
+    return key_value(_mm512_reduce_min_epi32(low));
 }
 
 /* Cuts entries [0, *n) (*n > keep) down to between `keep` and `keep + extra` of the best, in
@@ -508,36 +529,27 @@ static inline void score_unit(const Job *job, const uint16_t *cands, const uint1
     }
 }
 
-/* The sampled value is reached by at least this many sampled behaviours. */
-#define SAMPLE_BESTS 8
+/* Scores, per candidate, of sampled behaviours: the SAMPLE_DEPTH best per lane of the 32 row
+ * lanes of a group, SAMPLE_VALUES different behaviours in all, -inf where fewer were sampled. */
+#define SAMPLE_DEPTH 2
+#define SAMPLE_VALUES (32 * SAMPLE_DEPTH)
 
-/* Starting thresholds of candidates [tile_begin * 16, c_last) for rows [start, end) of one user,
- * from a sample of the rows: every job->sample_every-th row is scored, and each candidate keeps
- * its two best scores per lane (32 different behaviours); the SAMPLE_BESTS-th best of those 32
- * (at most the sample's own SAMPLE_BESTS-th best, usually it) is reached by at least
- * SAMPLE_BESTS sampled behaviours, so by about SAMPLE_BESTS x sample_every or more of the range's
- * (the count above a sample's 8th best, whatever the scores' distribution). The threshold starts
- * a window below that value. That keeps the caller's proof of completeness (kernels/cpu_topk.py)
- * whenever at least k behaviours of the user screen at or above it: the k-th best screened is
- * then at least the value, and a behaviour left out screened more than twice the error below
- * it. Where fewer do (a rare sample), the proof fails and the caller screens again without one.
- * Why: a threshold that starts at -inf takes every early row of a piece. At L = 100K, C = 100 on
- * random rows the sample (2% more rows) halves the hits and the cuts (141K -> 72K, 1,765 -> 812,
- * with the lowest of 8 lane maxima as the value; the two best per lane then took the hits to
- * 53K); the (candidate, group) events with a hit fall less, since late hits come alone. */
-static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids, int64_t start, int64_t end,
-                              int64_t tile_begin, int64_t tile_end, int64_t c_last, const uint16_t *cands,
-                              const uint16_t *lo) {
+/* Scores every job->sample_every-th row of rows [start, end) of one user for candidates
+ * [tile_begin * 16, c_last) and keeps, per candidate, its SAMPLE_VALUES sampled bests in
+ * bests[c * SAMPLE_VALUES ...] ([depth][32 lanes]): an insertion into a sorted column per lane,
+ * branch-free. */
+static void sample_rows(const Job *job, Workspace *ws, const int64_t *ids, int64_t start, int64_t end,
+                        int64_t tile_begin, int64_t tile_end, int64_t c_last, const uint16_t *cands,
+                        const uint16_t *lo, float *bests) {
     const int64_t every = job->sample_every;
-    const int64_t n_sampled = (end - start + every - 1) / every;
-    int64_t *sampled = malloc((size_t)(n_sampled + GROUP_ROWS) * sizeof(int64_t));
-    if (!sampled) return;  /* thresholds stay at -inf: slower, same result */
-    for (int64_t j = 0; j < n_sampled; j++) sampled[j] = ids[start + j * every];
+    const int64_t n_sampled = end > start ? (end - start + every - 1) / every : 0;
     const __m512 low = _mm512_set1_ps(-INFINITY);
-    for (int64_t c = tile_begin * 16; c < c_last; c++) {
-        _mm512_store_ps(ws->lane_best + c * 32, low);
-        _mm512_store_ps(ws->lane_best + c * 32 + 16, low);
-    }
+    for (int64_t c = tile_begin * 16; c < c_last; c++)
+        for (int i = 0; i < SAMPLE_VALUES; i += 16) _mm512_storeu_ps(bests + c * SAMPLE_VALUES + i, low);
+    if (n_sampled == 0) return;
+    int64_t *sampled = malloc((size_t)(n_sampled + GROUP_ROWS) * sizeof(int64_t));
+    if (!sampled) return;  /* no sampled bests: thresholds start at -inf, slower, same result */
+    for (int64_t j = 0; j < n_sampled; j++) sampled[j] = ids[start + j * every];
     Fetch fetch = {sampled, 0, 0, 0};
     for (; fetch.next < n_sampled && fetch.next < PREFETCH_GROUPS * GROUP_ROWS; fetch.next++) prefetch_row(job, sampled[fetch.next]);
     for (int64_t g = 0; g < n_sampled; g += GROUP_ROWS) {
@@ -551,28 +563,43 @@ static void sample_thresholds(const Job *job, Workspace *ws, const int64_t *ids,
             const int64_t c1 = tile * 16 + 16 * job->unit_tiles < c_last ? tile * 16 + 16 * job->unit_tiles : c_last;
             for (int64_t c = tile * 16; c < c1; c++) {
                 const float *row = ws->tiles + ((c - tile * 16) / 16) * 512 + (c & 15) * 16;
-                __m512 first = _mm512_load_ps(ws->lane_best + c * 32), second = _mm512_load_ps(ws->lane_best + c * 32 + 16);
-                const __m512 v0 = tile_scores(ws, row, valid0, c), v1 = tile_scores(ws, row + 256, valid1, c);
-                second = _mm512_max_ps(second, _mm512_min_ps(first, v0));
-                first = _mm512_max_ps(first, v0);
-                second = _mm512_max_ps(second, _mm512_min_ps(first, v1));
-                first = _mm512_max_ps(first, v1);
-                _mm512_store_ps(ws->lane_best + c * 32, first);
-                _mm512_store_ps(ws->lane_best + c * 32 + 16, second);
+                float *column = bests + c * SAMPLE_VALUES;
+                for (int half = 0; half < 2; half++) {
+                    __m512 v = tile_scores(ws, row + 256 * half, half ? valid1 : valid0, c);
+                    for (int d = 0; d < SAMPLE_DEPTH; d++) {
+                        const __m512 held = _mm512_loadu_ps(column + d * 32 + half * 16);
+                        _mm512_storeu_ps(column + d * 32 + half * 16, _mm512_max_ps(held, v));
+                        v = _mm512_min_ps(held, v);
+                    }
+                }
             }
         }
     }
     free(sampled);
-    for (int64_t c = tile_begin * 16; c < c_last; c++) {
-        const float *bests = ws->lane_best + c * 32;
-        const __m512 first = _mm512_load_ps(bests), second = _mm512_load_ps(bests + 16);
-        float value = -INFINITY;  /* the largest of the 32 that SAMPLE_BESTS of them reach */
-        for (int i = 0; i < 32; i++) {
-            const __m512 x = _mm512_set1_ps(bests[i]);
-            const int reach = __builtin_popcount(_mm512_cmp_ps_mask(first, x, _CMP_GE_OQ)) +
-                              __builtin_popcount(_mm512_cmp_ps_mask(second, x, _CMP_GE_OQ));
-            if (reach >= SAMPLE_BESTS && bests[i] > value) value = bests[i];
-        }
+}
+
+/* Starting thresholds of candidates [c_first, c_last) from the sampled bests of `n_sources`
+ * pieces (bests[s] laid out as in sample_rows; all the pieces of the user that sampled): the
+ * job->sample_rank-th best of them all is reached by at least that many sampled behaviours,
+ * so, where at most sample_rank - 1 of the user's k - 1 best behaviours were sampled (the
+ * caller picks the rank that makes more unlikely: `kernels.native.sample_rank`), by at least k
+ * of its behaviours. The threshold starts a window below it. That keeps the caller's proof of
+ * completeness (kernels/cpu_topk.py) whenever at least k behaviours of the user screen at or
+ * above the value: the k-th best screened is then at least the value, and a behaviour left out
+ * screened more than twice the error below it. Where fewer do (a rare sample), the proof fails
+ * and the caller screens again without one. `pool`: scratch of n_sources x SAMPLE_VALUES.
+ * Why: a threshold that starts at -inf takes every early row of a piece. At L = 100K, C = 100
+ * on random rows a sample of one row in 50 ranked 8th halves the hits and the cuts (141K -> 72K,
+ * 1,765 -> 812, with the lowest of 8 lane maxima as the value); pooling the samples of a split
+ * user's two pieces, so that each starts from the user's value rather than its own (a lower one:
+ * half the rows), took the int8 screen's hits from 94K to 70K, 5-8% of its time. */
+static void start_from_samples(const Job *job, Workspace *ws, const float *const *bests, int64_t n_sources,
+                               int64_t c_first, int64_t c_last, float *pool) {
+    const int64_t n = n_sources * SAMPLE_VALUES;
+    for (int64_t c = c_first; c < c_last; c++) {
+        for (int64_t s = 0; s < n_sources; s++)
+            memcpy(pool + s * SAMPLE_VALUES, bests[s] + c * SAMPLE_VALUES, SAMPLE_VALUES * sizeof(float));
+        const float value = lowest_from(pool, n, find_cut(pool, n, job->sample_rank, 0));  /* the rank-th best */
         if (value > -INFINITY) ws->threshold[c] = value - job->window;
     }
 }
@@ -630,9 +657,21 @@ static inline __attribute__((always_inline)) void screen_units(Job *job, Workspa
         ws->count[c] = 0;
         ws->limit[c] = 2 * job->k < capacity ? 2 * job->k : capacity;
     }
-    /* from 16 sampled rows on (B = 100, L = 1,000, C = 1,000: 221 -> 214 ms against 64) */
-    if (job->sample_every > 0 && (end - start) / job->sample_every >= 16)
-        sample_thresholds(job, ws, ids, start, end, tile_begin, tile_end, c_last, cands, lo);
+    /* from 16 sampled rows of the user on (B = 100, L = 1,000, C = 1,000: 221 -> 214 ms against 64) */
+    if (job->sample_every > 0 && length / job->sample_every >= 16) {
+        if (job->sample_bests) {
+            /* the user's pieces: items (user, s, t) for every row range s, the same candidates t */
+            const int64_t first_item = item - job->item_piece[item] * job->cand_splits;
+            const float *sources[job->splits];
+            for (int64_t s = 0; s < job->splits; s++)
+                sources[s] = job->sample_bests + (first_item + s * job->cand_splits) * n_cands * SAMPLE_VALUES;
+            start_from_samples(job, ws, sources, job->splits, c_first, c_last, ws->pool);
+        } else {
+            sample_rows(job, ws, ids, start, end, tile_begin, tile_end, c_last, cands, lo, ws->lane_best);
+            const float *sources[1] = {ws->lane_best};
+            start_from_samples(job, ws, sources, 1, c_first, c_last, ws->pool);
+        }
+    }
     Fetch fetch = {ids, start, end, per_step};
     for (; fetch.next < start + PREFETCH_GROUPS * GROUP_ROWS && fetch.next < end; fetch.next++) prefetch_row(job, ids[fetch.next]);
 
@@ -703,6 +742,20 @@ static void screen_item(Job *job, Workspace *ws, int64_t item) {
         screen_units(job, ws, item, 2);
 }
 
+/* The first pass over a split user (Job.sample_bests): its sampled bests of one item's rows. */
+static void sample_item(Job *job, Workspace *ws, int64_t item) {
+    const int64_t user = job->item_user[item], length = job->lengths[user];
+    const int64_t end = job->item_end[item] < length ? job->item_end[item] : length;
+    const int64_t tile_begin = job->item_tile_begin[item], tile_end = job->item_tile_end[item];
+    const int64_t c_last = tile_end * 16 < job->n_cands ? tile_end * 16 : job->n_cands;
+    const int64_t at = user * job->cand_pad * job->dim_pad;
+    ws->scale = job->int8 ? job->cand_scale + user * job->cand_pad : NULL;
+    ws->two_parts = job->cands_lo != NULL;
+    sample_rows(job, ws, job->history + user * job->hist_stride, job->item_start[item], end, tile_begin, tile_end, c_last,
+                job->cands + at, job->cands_lo ? job->cands_lo + at : NULL,
+                job->sample_bests + item * job->n_cands * SAMPLE_VALUES);
+}
+
 /* Every tile register of this thread as 16 rows of 64 bytes. */
 static void configure_tiles(void) {
     TileConfig config;
@@ -725,24 +778,28 @@ static void *worker(void *arg) {
     size_t rows_bytes = (size_t)2 * 2 * (job->dim_pad / 32) * 256 * sizeof(uint32_t);
     ws.rows = aligned_alloc(64, rows_bytes);
     ws.tiles = aligned_alloc(64, (size_t)2 * 1024 * sizeof(float));
-    ws.lane_best = aligned_alloc(64, (size_t)n_cands * 32 * sizeof(float));
+    ws.lane_best = aligned_alloc(64, (size_t)n_cands * SAMPLE_VALUES * sizeof(float));
+    ws.pool = malloc((size_t)job->splits * SAMPLE_VALUES * sizeof(float));
     ws.threshold = malloc((size_t)n_cands * sizeof(float));
     ws.scores = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(float));
     ws.positions = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(int32_t));
     ws.count = malloc((size_t)n_cands * sizeof(int64_t));
     ws.limit = malloc((size_t)n_cands * sizeof(int64_t));
-    if (!ws.rows || !ws.tiles || !ws.lane_best || !ws.threshold || !ws.scores || !ws.positions || !ws.count || !ws.limit) {
+    if (!ws.rows || !ws.tiles || !ws.lane_best || !ws.pool || !ws.threshold || !ws.scores || !ws.positions || !ws.count || !ws.limit) {
         __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
     } else {
         configure_tiles();
         for (;;) {
             int64_t item = __atomic_fetch_add(&job->next_item, 1, __ATOMIC_RELAXED);
             if (item >= job->n_items) break;
-            screen_item(job, &ws, item);
+            if (job->sample_phase)
+                sample_item(job, &ws, item);
+            else
+                screen_item(job, &ws, item);
         }
         _tile_release();
     }
-    free(ws.rows); free(ws.tiles); free(ws.lane_best); free(ws.threshold); free(ws.scores);
+    free(ws.rows); free(ws.tiles); free(ws.lane_best); free(ws.pool); free(ws.threshold); free(ws.scores);
     free(ws.positions); free(ws.count); free(ws.limit);
     return NULL;
 }
@@ -753,8 +810,10 @@ static void *worker(void *arg) {
  * `cand_splits` candidate ranges (each gathers the rows again: for histories too short to split),
  * and merged here. Each candidate keeps at most `keep` survivors, none more than `window` below
  * its k-th best screened score (window = infinity: `keep` alone decides). sample_every > 0 (with a
- * finite window): each range's thresholds start from a sample of one row in sample_every
- * (`sample_thresholds`; a range too short for 16 sampled rows starts from -inf). With `int8`, the
+ * finite window): thresholds start a window below the sample_rank-th best of a sample of one row
+ * in sample_every of the user (`start_from_samples`; a split user's pieces sample their own rows
+ * in a first parallel pass and pool them; a user too short for 16 sampled rows starts from
+ * -inf). With `int8`, the
  * screen and the candidates hold int8 values (see the file comment) and `cand_scale` [n_users,
  * cand_pad] turns each candidate's int32 sums into scores; with `cands_lo` (same layout as
  * cands) the candidates come in two parts, hi and lo codes, a score being (hi sum x 128 + lo sum)
@@ -764,7 +823,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
                          int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window,
-                         int64_t sample_every, int64_t splits,
+                         int64_t sample_every, int64_t sample_rank, int64_t splits,
                          int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
                          float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
                          const uint16_t *cands_lo, double mark_slack) {
@@ -778,6 +837,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
     job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window;
     job.sample_every = isfinite(window) ? sample_every : 0;
+    job.sample_rank = sample_rank < 1 ? 1 : sample_rank > SAMPLE_VALUES - 1 ? SAMPLE_VALUES - 1 : sample_rank;
     job.capacity = (2 * keep + 15) / 16 * 16;  /* a buffer is cut by the time it holds twice `keep` */
     if (splits < 1) splits = 1;
     int64_t span = (block_len + splits - 1) / splits;
@@ -794,7 +854,10 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     size_t per_item = (size_t)n_cands * keep;
     job.out_scores = out_scores; job.out_positions = out_positions; job.out_bound = out_bound;
     job.direct = splits == 1;
-    int64_t *item_user = malloc(job.n_items * 6 * sizeof(int64_t));
+    job.splits = splits; job.cand_splits = cand_splits;
+    int64_t *item_user = malloc(job.n_items * 7 * sizeof(int64_t));
+    if (!job.direct && job.sample_every > 0)
+        job.sample_bests = malloc((size_t)job.n_items * n_cands * SAMPLE_VALUES * sizeof(float));
     job.item_valid = malloc(job.n_items * sizeof(int64_t));
     if (!job.direct) {
         job.item_scores = malloc(job.n_items * per_item * sizeof(float));
@@ -803,7 +866,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
         job.item_bound = malloc(job.n_items * n_cands * sizeof(float));
     }
     int status = -1;
-    if (!item_user || !job.item_valid ||
+    if (!item_user || !job.item_valid || (!job.direct && job.sample_every > 0 && !job.sample_bests) ||
         (!job.direct && (!job.item_scores || !job.item_positions || !job.item_count || !job.item_bound)))
         goto done;
     for (int64_t u = 0; u < n_users; u++) {
@@ -817,6 +880,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                 const int64_t tile_end = job.unit_tiles * ((t + 1) * cand_units / cand_splits);
                 item_user[4 * job.n_items + i] = tile_end < cand_pad / 16 ? tile_end : cand_pad / 16;
                 item_user[5 * job.n_items + i] = t == 0;
+                item_user[6 * job.n_items + i] = s;
             }
         }
     }
@@ -826,12 +890,22 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.item_tile_begin = item_user + 3 * job.n_items;
     job.item_tile_end = item_user + 4 * job.n_items;
     job.item_counts_rows = item_user + 5 * job.n_items;
+    job.item_piece = item_user + 6 * job.n_items;
 
     if (n_threads > job.n_items) n_threads = job.n_items;
     if (n_threads < 1) n_threads = 1;
     /* OpenMP, not threads of our own: this library binds to the libgomp torch already loaded
      * (same soname), so it shares torch's worker pool. A second pool would find torch's
      * workers still spinning after its last parallel op and run at half speed (measured). */
+    if (job.sample_bests) {
+        /* every piece's sample first, so that each starts from the whole user's */
+        job.sample_phase = 1;
+#pragma omp parallel num_threads((int)n_threads)
+        worker(&job);
+        if (job.failed) goto done;
+        job.sample_phase = 0;
+        job.next_item = 0;
+    }
 #pragma omp parallel num_threads((int)n_threads)
     worker(&job);
     if (job.failed) goto done;
@@ -878,7 +952,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     status = 0;
 done:
     free(item_user); free(job.item_scores); free(job.item_positions);
-    free(job.item_count); free(job.item_bound); free(job.item_valid);
+    free(job.item_count); free(job.item_bound); free(job.item_valid); free(job.sample_bests);
     return status;
 }
 

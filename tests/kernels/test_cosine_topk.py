@@ -380,19 +380,21 @@ def test_the_fused_screen_regrows_its_survivors_before_widening(monkeypatch, scr
 
 
 def test_an_unlucky_sample_fails_the_proof_and_is_screened_again_without_one(monkeypatch, screen_kind):
-    # The first screen starts its thresholds from a sample that sees only the 8 copies of the
-    # candidates' item (see test_native_screen): 8 survivors cannot prove a top-50, so the same
-    # candidates are screened again, from -inf, and the result is exact.
+    # The first screen starts its thresholds from a sample whose best are only the copies of the
+    # candidates' item, as many as the rank it starts from (see test_native_screen): so few
+    # survivors cannot prove a top-50; the same candidates are screened again, from -inf, and the
+    # result is exact.
     if screen_kind == "torch-screen":
         pytest.skip("the sampled start is the fused screen's")
     table = make_table(5_000, 128, torch.float32)
-    history, _ = sampled_copies_history(table, 4_000, every=50)
+    every = native.sampled_start(50, native.MIN_SAMPLED_CANDIDATES)
+    history, _ = sampled_copies_history(table, 4_000, every=every, copies=native.sample_rank(50, every))
     candidates, lengths = torch.ones(1, native.MIN_SAMPLED_CANDIDATES, dtype=torch.int64), torch.tensor([4_000])
     samples = []
     original = native.screen_topk
     monkeypatch.setattr(native, "screen_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
     fast = cosine_topk(table, candidates, history, lengths, 50, impl="cpu")
-    assert samples == [50, 0]
+    assert samples == [every, 0]
     ref = cosine_topk_reference(table, candidates, history, lengths, 50)
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)

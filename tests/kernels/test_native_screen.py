@@ -1,6 +1,8 @@
 """kernels.native: the fused AMX screen against a float64 evaluation of the same bf16 (or int8) products."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -390,3 +392,33 @@ def test_an_int8_screen_needs_its_quantised_candidates():
     screen = torch.zeros(10, 32, dtype=torch.int8)
     with pytest.raises(ValueError, match="int8_cands"):
         native.screen_topk(screen, torch.zeros(1, 2, 32), torch.ones(1, 5, dtype=torch.int64), torch.tensor([5]), 3, 3, 1.0)
+
+
+@needs_amx
+def test_the_pieces_of_a_split_user_start_from_their_pooled_sample(monkeypatch):
+    # 4 copies of the candidate's item among the sampled rows of each of two pieces: the 8th
+    # best of either piece's own sample is a random row, but that of the pooled sample is the
+    # copies' score, and both pieces start a window below it: only the copies are kept.
+    monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 1_024)
+    screen = unit_table(5_000, 128, seed=8)
+    history, unit_cands = sampled_copies_history(screen, 4_096, every=50, copies=4)
+    copies = [0, 50, 100, 150, 2_048, 2_098, 2_148, 2_198]  # the second piece starts at row 2,048
+    history[0, 2_048:2_200:50] = 1
+    scores, positions, bound, _ = native.screen_topk(screen, unit_cands, history, torch.tensor([4_096]), 150, 50,
+                                                     0.01, sample_every=50, threads=2)
+    kept = positions[0, 0][positions[0, 0] >= 0]
+    assert sorted(kept.tolist()) == copies
+    assert 0.98 < float(bound[0, 0]) < float(scores[0, 0, : len(kept)].min())
+
+
+def test_the_sample_rank_bounds_the_chance_of_a_failed_proof():
+    # The rank r: more than r - 1 of a candidate's k - 1 best are sampled (binomial) with
+    # probability at most SAMPLE_FAILURE, and r - 1 would not do.
+    for k, every in ((50, 50), (16, 16), (200, 200), (50, 10)):
+        r = native.sample_rank(k, every)
+        p = 1 / every
+        tail = lambda r: sum(math.comb(k - 1, j) * p**j * (1 - p) ** (k - 1 - j) for j in range(r, k))
+        assert tail(r) <= native.SAMPLE_FAILURE < tail(r - 1)
+    assert native.sample_rank(50, 50) == 8
+    with pytest.raises(ValueError, match="one row in 2 for k = 1000"):
+        native.sample_rank(1_000, 2)

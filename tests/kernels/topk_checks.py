@@ -65,8 +65,8 @@ def assert_valid_topk(table, candidates, history, lengths, k, scores, positions,
 
 def sampled_copies_history(screen, length, every, copies=8, seed=7):
     """A history of random items where only the first `copies` sampled positions (0, every,
-    2 every, ...) hold one item: the sample sees that item at the 8 bests it folds its lanes into,
-    while fewer than k behaviours of the history score as high. Returns (history [1, length],
+    2 every, ...) hold one item: that item is the sample's `copies` best (its start's rank), while
+    fewer than k behaviours of the history score as high. Returns (history [1, length],
     unit candidate [1, 1, D] equal to that item's row)."""
     gen = torch.Generator().manual_seed(seed)
     n_items = screen.shape[0] - 1
