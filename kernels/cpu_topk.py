@@ -181,8 +181,12 @@ def _unit_candidates(
         return _unit(table[candidates].float()), None
     ids = candidates.reshape(-1)
     unit = scratch("unit-candidates", (ids.numel(), table.shape[1]), torch.float32)
-    unit.copy_(table.index_select(0, ids)).mul_(prep.inv_norm.index_select(0, ids).unsqueeze(1))
-    cand_error = float(prep.row_error.index_select(0, ids).max()) if prep.row_error is not None and ids.numel() else None
+    if native.available():  # one call instead of six torch ops, the same arithmetic
+        worst = native.unit_candidates(table, prep.inv_norm, prep.row_error, ids, unit)
+        cand_error = worst if prep.row_error is not None and ids.numel() else None
+    else:
+        unit.copy_(table.index_select(0, ids)).mul_(prep.inv_norm.index_select(0, ids).unsqueeze(1))
+        cand_error = float(prep.row_error.index_select(0, ids).max()) if prep.row_error is not None and ids.numel() else None
     return unit.view(*candidates.shape, table.shape[1]), cand_error
 
 
@@ -243,7 +247,7 @@ def cosine_topk_cpu(
         cols = min(block_len, max(keep, min(score_budget // n_cands, ROW_BUDGET // dim)))
         if cols < block_len and cols >= 2048:  # whole chunks split evenly into selection groups
             cols -= cols % 1024
-        users = max(1, min(score_budget // (n_cands * cols), ROW_BUDGET // (dim * cols)))
+        users = max(1, min(batch - start, score_budget // (n_cands * cols), ROW_BUDGET // (dim * cols)))
         plans.append((slice(start, start + users) if in_order else order[start : start + users], block_len, cols, screened))
         start += users
 
@@ -262,7 +266,7 @@ def cosine_topk_cpu(
             out_scores, out_positions = result[:2]
         else:
             out_scores[block], out_positions[block] = result[:2]
-        if not screened or bool(result[2].all()):
+        if not screened or bool(result[2].numpy().all()):  # numpy: a torch reduction costs ~15 us here
             continue
         scores, complete = result[0], result[2]
         block_users = torch.arange(batch)[block]

@@ -33,10 +33,11 @@ from kernels.scratch import scratch
 if TYPE_CHECKING:  # int8_screen calls into this module
     from kernels.int8_screen import Int8Candidates
 
-__all__ = ["available", "int8_available", "quantize_int8_candidates", "rescore_topk", "screen_topk", "unavailable_reason"]
+__all__ = ["available", "int8_available", "quantize_int8_candidates", "rescore_topk", "screen_topk", "unavailable_reason",
+           "unit_candidates"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c")]
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
+_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c")]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def unavailable_reason() -> str | None:
 
 # CPU features the library is compiled for: checked before it is even loaded, since the compiler
 # may use AVX-512 anywhere in it.
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "amx_tile", "amx_bf16")
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def _cpu_flags() -> set[str]:
@@ -125,6 +126,16 @@ def _load():
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["quantize"] = quantize
+    unit = library.muse_unit_candidates
+    unit.restype = ctypes.c_float
+    unit.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    _STATE["unit"] = unit
+    bf16 = library.muse_bf16_candidates
+    bf16.restype = None
+    bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_void_p]
+    _STATE["bf16"] = bf16
     return fn, None
 
 
@@ -296,8 +307,9 @@ def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
     up to 32 (the tile products take candidates 16 at a time and dims 32 at a time)."""
     n_users, n_cands, dim = unit_cands.shape
     dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 16) * 16
-    padded = scratch("screen-candidates", (n_users, cand_pad, dim_pad), torch.bfloat16).zero_()
-    padded[:, :n_cands, :dim] = unit_cands
+    padded = scratch("screen-candidates", (n_users, cand_pad, dim_pad), torch.bfloat16)
+    unit_cands = unit_cands.float().contiguous()
+    _STATE["bf16"](unit_cands.data_ptr(), n_users, n_cands, dim, cand_pad, dim_pad, padded.data_ptr())
     return padded, cand_pad
 
 
@@ -330,6 +342,23 @@ def quantize_int8_candidates(
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+
+
+def unit_candidates(table: torch.Tensor, inv_norm: torch.Tensor, row_error: torch.Tensor | None, ids: torch.Tensor,
+                    out: torch.Tensor) -> float:
+    """Rows `ids` [n] of the table [N+1, D] (any stored dtype) as float32 times their reciprocal
+    norms `inv_norm` [N+1], into `out` [n, D] (contiguous float32), in one native call; returns
+    the largest `row_error` [N+1] (float32) over the ids (0.0 without ids or without row_error).
+    The ids must lie in the table (the caller has checked them).
+    Raises RuntimeError when `available()` is False."""
+    if _screen_fn() is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    table, inv_norm, ids = table.contiguous(), inv_norm.contiguous(), ids.to(torch.int64).contiguous()
+    if not out.is_contiguous() or out.dtype != torch.float32 or tuple(out.shape) != (ids.numel(), table.shape[1]):
+        raise ValueError(f"unit_candidates: `out` must be contiguous float32 [{ids.numel()}, {table.shape[1]}]")
+    errors = row_error.contiguous().data_ptr() if row_error is not None else None
+    return float(_STATE["unit"](table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), errors,
+                                ids.data_ptr(), ids.numel(), out.data_ptr()))
 
 
 def rescore_topk(
