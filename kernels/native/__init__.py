@@ -37,6 +37,7 @@ __all__ = ["available", "int8_available", "quantize_int8_candidates", "rescore_t
            "unit_candidates"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c")]
+_HEADERS = [Path(__file__).with_name("table_rows.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -141,7 +142,7 @@ def _load():
 
 def _build() -> Path:
     compiler = os.environ.get("CC", "cc")
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
     digest = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"screen_amx-{digest}.so"
     if target.exists():

@@ -422,3 +422,14 @@ def test_the_sample_rank_bounds_the_chance_of_a_failed_proof():
     assert native.sample_rank(50, 50) == 8
     with pytest.raises(ValueError, match="one row in 2 for k = 1000"):
         native.sample_rank(1_000, 2)
+
+
+@needs_amx
+def test_the_bf16_tile_operand_is_torchs_rounding_zero_padded():
+    gen = torch.Generator().manual_seed(12)
+    unit_cands = torch.nn.functional.normalize(torch.randn(3, 21, 40, generator=gen), dim=-1)
+    unit_cands[1, 4] = 0
+    padded, cand_pad = native._padded_candidates(unit_cands)
+    assert cand_pad == 32 and padded.shape == (3, 32, 64)
+    assert torch.equal(padded[:, :21, :40], unit_cands.to(torch.bfloat16))
+    assert not padded[:, 21:].any() and not padded[:, :, 40:].any()
