@@ -107,10 +107,9 @@ typedef struct {
     int64_t sample_every;  /* thresholds start from a sample of every this-many-th row (0: from -inf) */
     int64_t sample_rank;   /* ... at the sample's this-th best (`start_from_samples`) */
     /* users split in row ranges: each item's sampled bests [n_items, n_cands, SAMPLE_VALUES], from
-     * a first parallel pass (`sample_phase`), so that every piece starts from the whole user's
+     * a first pass over the items (`worker`), so that every piece starts from the whole user's
      * sample; NULL: an item samples its own rows just before screening them */
     float *sample_bests;
-    int sample_phase;
     /* work items: user, row range and candidate tiles [tile_begin, tile_end) of 16; items of one
      * user are contiguous, and only the first of a row range counts its eligible rows */
     const int64_t *item_user, *item_start, *item_end, *item_tile_begin, *item_tile_end, *item_counts_rows;
@@ -128,7 +127,7 @@ typedef struct {
     int64_t *item_count;     /* [n_items, n_cands] */
     float *item_bound;       /* [n_items, n_cands] */
     int64_t *item_valid;     /* [n_items] */
-    int64_t next_item;       /* shared counter */
+    int64_t next_sample, next_item;  /* shared counters of the two passes over the items */
     int failed;
 } Job;
 
@@ -787,20 +786,20 @@ static void *worker(void *arg) {
     ws.positions = malloc((size_t)n_cands * (capacity + SLACK) * sizeof(int32_t));
     ws.count = malloc((size_t)n_cands * sizeof(int64_t));
     ws.limit = malloc((size_t)n_cands * sizeof(int64_t));
-    if (!ws.rows || !ws.tiles || !ws.lane_best || !ws.pool || !ws.threshold || !ws.scores || !ws.positions || !ws.count || !ws.limit) {
-        __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
-    } else {
-        configure_tiles();
-        for (;;) {
-            int64_t item = __atomic_fetch_add(&job->next_item, 1, __ATOMIC_RELAXED);
-            if (item >= job->n_items) break;
-            if (job->sample_phase)
-                sample_item(job, &ws, item);
-            else
-                screen_item(job, &ws, item);
-        }
-        _tile_release();
+    const int ready = ws.rows && ws.tiles && ws.lane_best && ws.pool && ws.threshold && ws.scores && ws.positions &&
+                      ws.count && ws.limit;
+    if (!ready) __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+    if (ready) configure_tiles();
+    if (job->sample_bests) {
+        /* every piece's sample first, so that each starts from the whole user's; every thread
+         * reaches the barrier, ready or not (the others take its items) */
+        for (int64_t item; ready && (item = __atomic_fetch_add(&job->next_sample, 1, __ATOMIC_RELAXED)) < job->n_items;)
+            sample_item(job, &ws, item);
+#pragma omp barrier
     }
+    for (int64_t item; ready && (item = __atomic_fetch_add(&job->next_item, 1, __ATOMIC_RELAXED)) < job->n_items;)
+        screen_item(job, &ws, item);
+    if (ready) _tile_release();
     free(ws.rows); free(ws.tiles); free(ws.lane_best); free(ws.pool); free(ws.threshold); free(ws.scores);
     free(ws.positions); free(ws.count); free(ws.limit);
     return NULL;
@@ -899,15 +898,6 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     /* OpenMP, not threads of our own: this library binds to the libgomp torch already loaded
      * (same soname), so it shares torch's worker pool. A second pool would find torch's
      * workers still spinning after its last parallel op and run at half speed (measured). */
-    if (job.sample_bests) {
-        /* every piece's sample first, so that each starts from the whole user's */
-        job.sample_phase = 1;
-#pragma omp parallel num_threads((int)n_threads)
-        worker(&job);
-        if (job.failed) goto done;
-        job.sample_phase = 0;
-        job.next_item = 0;
-    }
 #pragma omp parallel num_threads((int)n_threads)
     worker(&job);
     if (job.failed) goto done;
