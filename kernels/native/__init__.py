@@ -33,10 +33,10 @@ from kernels.scratch import scratch
 if TYPE_CHECKING:  # int8_screen calls into this module
     from kernels.int8_screen import Int8Candidates
 
-__all__ = ["available", "int8_available", "quantize_int8_candidates", "rescore_topk", "screen_topk", "unavailable_reason",
-           "unit_candidates"]
+__all__ = ["available", "id_range", "int8_available", "quantize_int8_candidates", "rescore_topk", "screen_topk",
+           "unavailable_reason", "unit_candidates"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c", "id_range.c")]
 _HEADERS = [Path(__file__).with_name("table_rows.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
@@ -137,6 +137,10 @@ def _load():
     bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p]
     _STATE["bf16"] = bf16
+    id_range = library.muse_id_range
+    id_range.restype = None
+    id_range.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    _STATE["id_range"] = id_range
     return fn, None
 
 
@@ -343,6 +347,18 @@ def quantize_int8_candidates(
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+
+
+def id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty contiguous int64 CPU tensor, in one native pass.
+    Raises RuntimeError when `available()` is False."""
+    if _screen_fn() is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    if ids.dtype != torch.int64 or not ids.is_contiguous() or ids.device.type != "cpu" or not ids.numel():
+        raise ValueError("id_range: `ids` must be a non-empty contiguous int64 CPU tensor")
+    out = (ctypes.c_int64 * 2)()
+    _STATE["id_range"](ids.data_ptr(), ids.numel(), out)
+    return out[0], out[1]
 
 
 def unit_candidates(table: torch.Tensor, inv_norm: torch.Tensor, row_error: torch.Tensor | None, ids: torch.Tensor,

@@ -583,7 +583,7 @@ static void sample_rows(const Job *job, Workspace *ws, const int64_t *ids, int64
  * pieces (bests[s] laid out as in sample_rows; all the pieces of the user that sampled): the
  * job->sample_rank-th best of them all is reached by at least that many sampled behaviours,
  * so, where at most sample_rank - 1 of the user's k - 1 best behaviours were sampled (the
- * caller picks the rank that makes more unlikely: `kernels.native.sample_rank`), by at least k
+ * caller picks a rank past which that is unlikely: `kernels.native.sample_rank`), by at least k
  * of its behaviours. The threshold starts a window below it. That keeps the caller's proof of
  * completeness (kernels/cpu_topk.py) whenever at least k behaviours of the user screen at or
  * above the value: the k-th best screened is then at least the value, and a behaviour left out

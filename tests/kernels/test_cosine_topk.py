@@ -343,6 +343,9 @@ def test_lengths_default_to_full_rows():
     ("kwargs", "message"),
     [
         ({"history": torch.tensor([[1, 99]])}, "history` holds ids outside"),
+        # a long history is checked in one native pass where the native kernels run
+        ({"history": torch.tensor([[1] * 9_000 + [-1]]), "lengths": torch.tensor([9_001])}, "history` holds ids outside.*min -1"),
+        ({"history": torch.tensor([[1] * 9_000 + [99]]), "lengths": torch.tensor([9_001])}, "history` holds ids outside.*max 99"),
         ({"candidates": torch.tensor([[1], [2]])}, "candidates` must be"),
         ({"lengths": torch.tensor([3])}, "lengths` must lie"),
         ({"table": torch.zeros(10, 4, dtype=torch.int32)}, "table` must be"),

@@ -433,3 +433,13 @@ def test_the_bf16_tile_operand_is_torchs_rounding_zero_padded():
     assert cand_pad == 32 and padded.shape == (3, 32, 64)
     assert torch.equal(padded[:, :21, :40], unit_cands.to(torch.bfloat16))
     assert not padded[:, 21:].any() and not padded[:, :, 40:].any()
+
+
+@needs_amx
+def test_the_native_id_range_is_torchs_min_and_max():
+    gen = torch.Generator().manual_seed(13)
+    for n in (1, 7, 8, 9, 1_000, 100_003):
+        ids = torch.randint(-(2**40), 2**40, (n,), generator=gen)
+        assert native.id_range(ids) == tuple(int(v) for v in torch.aminmax(ids))
+    with pytest.raises(ValueError, match="contiguous int64"):
+        native.id_range(torch.arange(10)[::2])
