@@ -40,3 +40,14 @@ def test_a_buffer_made_in_inference_mode_stays_writable_outside_it():
         made = scratch("test-buffer", (8,), torch.float32)
     scratch("test-buffer", (8,), torch.float32).fill_(1.0)  # would raise for an inference tensor
     assert made.data_ptr() == scratch("test-buffer", (8,), torch.float32).data_ptr()
+
+
+def test_the_view_of_the_last_shape_is_handed_out_again():
+    drop_scratch()
+    first = scratch("test-buffer", (4, 8), torch.float32)
+    assert scratch("test-buffer", (4, 8), torch.float32) is first
+    smaller = scratch("test-buffer", (2, 8), torch.float32)
+    assert smaller.shape == (2, 8) and smaller.data_ptr() == first.data_ptr()
+    grown = scratch("test-buffer", (64, 8), torch.float32)
+    assert grown.shape == (64, 8) and scratch("test-buffer", (64, 8), torch.float32) is grown
+    assert scratch("test-buffer", (4, 8), torch.float32).data_ptr() == grown.data_ptr()  # views of the grown one now
