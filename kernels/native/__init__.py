@@ -281,7 +281,7 @@ def screen_topk(
     history = history.to(torch.int64)
     if history.stride(1) != 1:
         history = history.contiguous()
-    lengths = lengths.to(torch.int64).contiguous()
+    lengths = _dense(lengths, torch.int64)
     shapes = ((n_users, n_cands, keep), (n_users, n_cands, keep), (n_users, n_cands), (n_users,))
     dtypes = (torch.float32, torch.int64, torch.float32, torch.int64)
     if out is None:
@@ -313,7 +313,7 @@ def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
     n_users, n_cands, dim = unit_cands.shape
     dim_pad, cand_pad = -(-dim // 32) * 32, -(-n_cands // 16) * 16
     padded = scratch("screen-candidates", (n_users, cand_pad, dim_pad), torch.bfloat16)
-    unit_cands = unit_cands.float().contiguous()
+    unit_cands = _dense(unit_cands, torch.float32)
     _STATE["bf16"](unit_cands.data_ptr(), n_users, n_cands, dim, cand_pad, dim_pad, padded.data_ptr())
     return padded, cand_pad
 
@@ -335,7 +335,7 @@ def quantize_int8_candidates(
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     n_users, n_cands, dim = unit_cands.shape
-    unit_cands, dim_scale = unit_cands.float().contiguous(), dim_scale.float().contiguous()
+    unit_cands, dim_scale = _dense(unit_cands, torch.float32), _dense(dim_scale, torch.float32)
     stats = (ctypes.c_double * 3)()
     _STATE["quantize"](
         unit_cands.data_ptr(), n_users, n_cands, dim, dim_scale.data_ptr(), codes.shape[1], codes.shape[2],
@@ -347,6 +347,12 @@ def quantize_int8_candidates(
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+
+
+def _dense(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` as a contiguous tensor of `dtype`: itself when it already is one (a call passes
+    ~10 such tensors; skipping the no-op conversions saves their dispatch)."""
+    return tensor if tensor.dtype == dtype and tensor.is_contiguous() else tensor.to(dtype).contiguous()
 
 
 def id_range(ids: torch.Tensor) -> tuple[int, int]:
@@ -370,7 +376,7 @@ def unit_candidates(table: torch.Tensor, inv_norm: torch.Tensor, row_error: torc
     Raises RuntimeError when `available()` is False."""
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
-    table, inv_norm, ids = table.contiguous(), inv_norm.contiguous(), ids.to(torch.int64).contiguous()
+    table, inv_norm, ids = table.contiguous(), inv_norm.contiguous(), _dense(ids, torch.int64)
     if not out.is_contiguous() or out.dtype != torch.float32 or tuple(out.shape) != (ids.numel(), table.shape[1]):
         raise ValueError(f"unit_candidates: `out` must be contiguous float32 [{ids.numel()}, {table.shape[1]}]")
     errors = row_error.contiguous().data_ptr() if row_error is not None else None
@@ -410,9 +416,9 @@ def rescore_topk(
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     table, inv_norm = table.contiguous(), inv_norm.contiguous()
-    unit_cands, positions = unit_cands.float().contiguous(), positions.to(torch.int64).contiguous()
-    screened, bound = screened.float().contiguous(), bound.float().contiguous()
-    history, lengths = history.to(torch.int64), lengths.to(torch.int64).contiguous()
+    unit_cands, positions = _dense(unit_cands, torch.float32), _dense(positions, torch.int64)
+    screened, bound = _dense(screened, torch.float32), _dense(bound, torch.float32)
+    history, lengths = history.to(torch.int64), _dense(lengths, torch.int64)
     if history.stride(1) != 1:
         history = history.contiguous()
     n_users, n_cands, m = positions.shape
