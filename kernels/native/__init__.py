@@ -396,6 +396,7 @@ def rescore_topk(
     k: int,
     error: tuple[float, float],
     threads: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-k of each (user, candidate) among its screened survivors, and whether it is proven.
 
@@ -404,7 +405,9 @@ def rescore_topk(
     screened float32 [B, C, m] and positions int64 [same] (history positions, -1 = unused): the
     survivors and their screened scores, each within error = (absolute, relative) of its exact
     cosine (eps(a) = absolute + relative * |a|); bound float32 [B, C]: every eligible behaviour left
-    out screened at most this (-inf: none was).
+    out screened at most this (-inf: none was); out: contiguous float32 and int64 tensors
+    [B, C, k] to write scores and positions into (a caller's output, every slot written), else
+    new ones.
     Returns scores float32 [B, C, k] descending (ties toward the larger position; -inf past the
     eligible survivors), positions int64 [B, C, k] (-1 there), proven bool [B, C]: the result is
     the exact top-k of the whole history (nothing eligible was left out, or what was falls below
@@ -422,8 +425,15 @@ def rescore_topk(
     if history.stride(1) != 1:
         history = history.contiguous()
     n_users, n_cands, m = positions.shape
-    scores = torch.empty(n_users, n_cands, k)
-    top_positions = torch.empty(n_users, n_cands, k, dtype=torch.int64)
+    if out is None:
+        scores = torch.empty(n_users, n_cands, k)
+        top_positions = torch.empty(n_users, n_cands, k, dtype=torch.int64)
+    else:
+        scores, top_positions = out
+        shape = (n_users, n_cands, k)
+        if (scores.shape != shape or top_positions.shape != shape or scores.dtype != torch.float32
+                or top_positions.dtype != torch.int64 or not scores.is_contiguous() or not top_positions.is_contiguous()):
+            raise ValueError(f"rescore_topk: `out` must be contiguous float32 and int64 tensors of shape {shape}")
     proven = torch.empty(n_users, n_cands, dtype=torch.bool)
     status = _STATE["rescore"](
         table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
