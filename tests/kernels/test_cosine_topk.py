@@ -143,6 +143,20 @@ def test_small_budgets_force_many_chunks_and_blocks(monkeypatch):
         torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
+def test_users_longest_first_in_many_blocks_are_written_in_place(monkeypatch):
+    # Sorted users make runs of rows: the fused screen's blocks write straight into the output,
+    # and the users without behaviours at the end are filled apart.
+    monkeypatch.setattr(cpu_topk, "SCREEN_SCORE_BUDGET", 256)
+    monkeypatch.setattr(cpu_topk, "ROW_BUDGET", 512)
+    table = make_table(300, 8)
+    candidates, history, lengths = random_batch(300, 7, 201, 3, [201, 150, 150, 64, 9, 0, 0], pad_prob=0.1)
+    ref = cosine_topk_reference(table, candidates, history, lengths, 6)
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 6, screen=True)
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+    assert (fast[1][5:] == -1).all() and (fast[0][5:] == float("-inf")).all()
+
+
 def near_tie_case():
     # 60 rows within 1e-3 of one direction: their cosines to another vector differ by ~1e-4, which
     # bfloat16 cannot order, so a narrow screen cannot prove its survivors complete.
