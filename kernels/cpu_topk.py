@@ -110,12 +110,14 @@ NATIVE_REGROW_MAX_KEEP = 16_384
 # 2.81 / 2.34, C = 100 2.97 / 3.40 / 3.18; L = 20K, C = 16 2.49 / 2.08 / 2.04; L = 10K, C = 6
 # 2.05 / 1.79 / 1.79; one candidate (one part), L = 1,000 2.26 -> 2.07, L = 500 2.78 -> 2.51).
 # Since a split user's pieces pool their samples, whole calls, int8 (two parts) over bf16, best
-# of 20: 1,000 rows a candidate 0.85-0.99 (L = 100K, C = 100, B = 1 and 4; L = 10K, C = 10),
-# 1,428 0.85, 500 1.06-1.08.
+# of 20 on random rows: 1,000 rows a candidate 0.85-0.99 (L = 100K, C = 100, B = 1 and 4;
+# L = 10K, C = 10), 1,428 0.85, 500 1.06-1.08; but at L = 100K, C = 100 on clustered catalogues
+# (benchmarks/gsu.py --catalogue) 3.8 against 3.3 ms (clusters) and 12.9 against 8.7 ms (near
+# duplicates, where the int8 window holds thousands of behaviours): the threshold stays above it.
 USE_INT8 = True
 INT8_TWO_PARTS = True
 INT8_MIN_LENGTH = 512
-INT8_MIN_ROWS_PER_CANDIDATE = 1_000
+INT8_MIN_ROWS_PER_CANDIDATE = 1_280
 INT8_KEEP_FACTOR = 3
 _PREP: list = []  # [weakref to the table, its version, its _TablePrep]
 _TINY = torch.finfo(torch.float32).tiny
