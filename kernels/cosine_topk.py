@@ -17,7 +17,7 @@ __all__ = ["cosine_topk", "jagged_to_padded"]
 
 _TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 _IMPLS = ("auto", "cpu", "triton", "reference")
-_SMALL_REDUCTION = 4_096  # ids checked in numpy up to this many (`_min_max`)
+_SMALL_REDUCTION = 4_096  # other small id tensors (strided, int32) checked in numpy up to this many (`_min_max`)
 
 
 @torch.no_grad()
