@@ -236,13 +236,17 @@ def cosine_topk_cpu(
     if batch == 0 or n_cands == 0 or length == 0:
         return torch.full((batch, n_cands, k), float("-inf")), torch.full((batch, n_cands, k), -1, dtype=torch.int64)
 
-    lengths = lengths.clamp(0, length)
-    # Users already longest first (one user, or a sorted batch): blocks are runs of rows, taken
-    # as views, and a single block's results are the output itself (each index op costs ~10 us,
-    # a tenth of a 100K x 100 call's time in torch ops).
+    # Each torch op costs ~10-20 us inside a call (its caches cold after a screen): the lengths
+    # are clamped only where they need it (cosine_topk has checked them), and users already
+    # longest first (one user, or a sorted batch) make blocks of runs of rows, taken as views
+    # (a single block the whole input), whose results are the output itself.
+    listed = lengths.tolist()
+    if min(listed) < 0 or max(listed) > length:
+        lengths = lengths.clamp(0, length)
+        listed = lengths.tolist()
     in_order = batch == 1 or bool((lengths[1:] <= lengths[:-1]).all())
     order = None if in_order else torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = (lengths if in_order else lengths[order]).tolist()
+    sorted_lengths = listed if in_order else lengths[order].tolist()
     plans = []  # (block users, block length, chunk rows, screened)
     start = 0
     while start < batch and sorted_lengths[start] > 0:
@@ -270,18 +274,20 @@ def cosine_topk_cpu(
         out_scores = torch.full((batch, n_cands, k), float("-inf"))
         out_positions = torch.full((batch, n_cands, k), -1, dtype=torch.int64)
     for block, block_len, cols, screened in plans:
-        hist, lens = history[block, :block_len], lengths[block]
+        whole = in_order and block == slice(0, batch)
+        hist = history if whole and block_len == length else history[block, :block_len]
+        lens, block_cands = (lengths, unit_cands) if whole else (lengths[block], unit_cands[block])
         in_place = out_scores is not None and in_order and screened and screener.fused
         if not screened:
-            result = _exact_block(table, prep, unit_cands[block], hist, lens, k, cols)
+            result = _exact_block(table, prep, block_cands, hist, lens, k, cols)
         else:
             out = (out_scores[block], out_positions[block]) if in_place else None
-            result = screener.select(unit_cands[block], hist, lens, k, keep, cols, out=out)
+            result = screener.select(block_cands, hist, lens, k, keep, cols, out=out)
         if out_scores is None:
             out_scores, out_positions = result[:2]
         elif not in_place:
             out_scores[block], out_positions[block] = result[:2]
-        if not screened or bool(result[2].numpy().all()):  # numpy: a torch reduction costs ~15 us here
+        if not screened or result[3]:
             continue
         scores, complete = result[0], result[2]
         block_users = torch.arange(batch)[block]
@@ -295,7 +301,7 @@ def cosine_topk_cpu(
             grown = keep
             while screener.fused and len(redo) and grown * NATIVE_REGROW < min(int(user_len), NATIVE_REGROW_MAX_KEEP):
                 grown *= NATIVE_REGROW
-                s, p, done = screener.select(
+                s, p, done, _ = screener.select(
                     unit_cands[user : user + 1, redo], user_hist, user_len, k, grown, cols, sampled=False
                 )
                 out_scores[user, redo[done[0]]], out_positions[user, redo[done[0]]] = s[0, done[0]], p[0, done[0]]
@@ -552,15 +558,15 @@ class _Screener:
         cols: int,
         sampled: bool = True,
         out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Screen, re-score and select for one block of users.
 
         Args: unit_cands [Bb, C, D] float32; history [Bb, Lb]; lengths [Bb]; sampled: let the
         fused screen start its thresholds from a sample (`native.sampled_start`; a screen again
         after a failed proof does without); out: contiguous float32 and int64 tensors [Bb, C, k]
         to return the scores and positions in (the fused screen writes them there directly).
-        Returns: scores float32 [Bb, C, k], positions int64 [Bb, C, k], and complete BoolTensor
-        [Bb, C]: True where the result is proven to be the exact top-k.
+        Returns: scores float32 [Bb, C, k], positions int64 [Bb, C, k], complete BoolTensor
+        [Bb, C]: True where the result is proven to be the exact top-k, and whether all are.
         """
         table = self.table
         if self.fused:
@@ -587,11 +593,11 @@ class _Screener:
         top_positions = torch.nn.functional.pad(top_positions, (0, missing), value=-1)
         if out is not None:
             scores, top_positions = out[0].copy_(scores), out[1].copy_(top_positions)
-        return scores, top_positions, complete
+        return scores, top_positions, complete, bool(complete.all())
 
     def _fused(self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int,
                sampled: bool, into: tuple[torch.Tensor, torch.Tensor] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """`select` with the fused native screen: from the int8 copy where it pays (`_int8_pays`,
         INT8_KEEP_FACTOR x `keep` survivors at most), else from the bf16 copy. Either screen's
         error is absolute (relative 0: float32 results)."""

@@ -489,12 +489,19 @@ static inline void prefetch_row(const Job *job, int64_t id) {
     for (int64_t off = 0; off < job->dim * 2; off += 64) _mm_prefetch(row + off, _MM_HINT_T1);
 }
 
-/* Rows ids[next, end) not yet prefetched; `per_step` of them are requested after each step of
+/* Rows ids[next, end) not yet prefetched; `per_step` of them are requested in each step of
  * tile products (0: none). */
 typedef struct {
     const int64_t *ids;
     int64_t next, end, per_step;
 } Fetch;
+
+/* Requests up to n more rows of `fetch`; returns how many it did. */
+static inline int64_t request_rows(const Job *job, Fetch *fetch, int64_t n) {
+    int64_t done = 0;
+    for (; done < n && fetch->next < fetch->end; done++) prefetch_row(job, fetch->ids[fetch->next++]);
+    return done;
+}
 
 /* Scores one gathered group (`rows`, pair layout) against candidate tiles `tile` and, with
  * `pair`, tile + 1 (or, given `lo`, the lo parts of tile), into quartet [4, 16, 16] (tile 2t + b:
@@ -513,6 +520,10 @@ static inline void score_unit(const Job *job, const uint16_t *cands, const uint1
         _tile_loadd(6, rows + kk * 256, 64);
         _tile_loadd(7, rows + (k_tiles + kk) * 256, 64);
         TILE_PRODUCT(0, 4, 6);
+        /* one of the step's rows after its first product, the rest after its last: the requests
+         * wait for the core's fill buffers, and one at a time they hold up fewer tile loads
+         * (the screen ~2% faster at L = 100K, C = 100 than with all of them after the last) */
+        const int64_t requested = fetch->per_step ? request_rows(job, fetch, 1) : 0;
         TILE_PRODUCT(1, 4, 7);
         if (pair) {
             _tile_loadd(5, a1 + kk * 32, dim_pad * 2);
@@ -520,7 +531,7 @@ static inline void score_unit(const Job *job, const uint16_t *cands, const uint1
             TILE_PRODUCT(3, 5, 7);
         }
 #undef TILE_PRODUCT
-        for (int64_t i = 0; i < fetch->per_step && fetch->next < fetch->end; i++) prefetch_row(job, fetch->ids[fetch->next++]);
+        request_rows(job, fetch, fetch->per_step - requested);
     }
     _tile_stored(0, quartet, 64);
     _tile_stored(1, quartet + 256, 64);
@@ -1122,16 +1133,19 @@ static void warm_history(const void *table, int64_t row_bytes, const float *inv_
  * exact top-k of the whole history (nothing eligible was left out, or whatever was, at most
  * bound + eps(bound) exactly, falls below the k-th exact score). Each pair's survivors are listed
  * a pair ahead, and the rows it will likely read (screened within twice the error of its k-th)
- * prefetched while the pair before is scored. */
-int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
-                      const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
-                      const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
-                      int64_t k, double eps_abs, double eps_rel, int64_t n_threads,
-                      float *out_scores, int64_t *out_positions, int8_t *out_proven) {
+ * prefetched while the pair before is scored. Returns the number of pairs not proven (the
+ * caller's test for a second screen, without a pass over `out_proven`), or -1 when the
+ * per-thread buffers could not be allocated. */
+int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
+                          const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
+                          const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
+                          int64_t k, double eps_abs, double eps_rel, int64_t n_threads,
+                          float *out_scores, int64_t *out_positions, int8_t *out_proven) {
     const int64_t pairs = n_users * n_cands;
     const int64_t row_bytes = dim * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
     int status = 0;
-#pragma omp parallel num_threads((int)n_threads)
+    int64_t unproven = 0;
+#pragma omp parallel num_threads((int)n_threads) reduction(+ : unproven)
     {
         int64_t *top = malloc((size_t)2 * k * sizeof(int64_t));  /* the top k, then sorted */
         /* two lists (this pair's and the next one's) of m entries and 8 more: list_survivors
@@ -1203,6 +1217,7 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
                 sort_descending(top, count, sorted);
                 const double b = bound[bc];
                 out_proven[bc] = b == -INFINITY || b + eps_abs + eps_rel * fabs(b) < (double)kth;
+                unproven += !out_proven[bc];
                 for (int64_t j = 0; j < k; j++) {
                     out_scores[bc * k + j] = j < count ? key_value((int32_t)(sorted[j] >> 32)) : -INFINITY;
                     out_positions[bc * k + j] = j < count ? (sorted[j] & 0xFFFFFFFFLL) : -1;
@@ -1215,5 +1230,5 @@ int muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float
         free(ids);
         free(keys);
     }
-    return status;
+    return status < 0 ? -1 : unproven;
 }

@@ -306,10 +306,10 @@ def test_rescore_topk_is_the_float32_top_k_with_ties_to_the_recent(dtype, dim):
     eligible = [[[p for p in positions[b, c].tolist() if 0 <= p < int(lengths[b]) and inv_norm[history[b, p]] > 0]
                  for c in range(3)] for b in range(2)]
     nothing_left_out = torch.full((2, 3), float("-inf"))
-    scores, top, proven = native.rescore_topk(
+    scores, top, proven, all_proven = native.rescore_topk(
         table, inv_norm, unit_cands, history, lengths, screened, positions, nothing_left_out, k, error, threads=2
     )
-    assert proven.all()  # nothing was left out of the screen
+    assert proven.all() and all_proven  # nothing was left out of the screen
     for b in range(2):
         for c in range(3):
             pos = eligible[b][c]
@@ -338,8 +338,8 @@ def test_rescore_topk_with_many_survivors_sorts_them_all():
     positions = torch.stack([torch.randperm(699, generator=gen) for _ in range(2)]).unsqueeze(0)  # [1, 2, 699]
     exact = torch.einsum("cd,cmd->cm", unit_cands[0].double(), table.double()[history[0, positions[0]]])
     screened = (exact + (torch.rand(exact.shape, generator=gen, dtype=torch.float64) - 0.5) * 0.01).float().unsqueeze(0)
-    scores, top, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([699]), screened,
-                                              positions, torch.full((1, 2), float("-inf")), 20, (0.005, 0.0))
+    scores, top, proven, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([699]), screened,
+                                                 positions, torch.full((1, 2), float("-inf")), 20, (0.005, 0.0))
     assert proven.all()
     for c in range(2):
         expected = positions[0, c][exact[c].argsort(descending=True)[:20]]
@@ -356,15 +356,15 @@ def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_th
     positions = torch.stack([torch.randperm(199, generator=gen)[:30] for _ in range(2)]).unsqueeze(0)
     screened = torch.einsum("bcd,bcmd->bcm", unit_cands, table[history[0, positions[0]]].unsqueeze(0))
     error, k = (1e-3, 0.0), 5
-    scores, _, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
-                                       torch.full((1, 2), -1.0), k, error)
+    scores, _, _, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
+                                          torch.full((1, 2), -1.0), k, error)
     kth = scores[0, :, k - 1]
     # Candidate 0: left out at most kth - 2e-3, below the k-th even with its error; candidate 1:
     # left out at most kth - 0.5e-3, which could reach it.
     bound = torch.stack([kth[0] - 2e-3, kth[1] - 0.5e-3]).unsqueeze(0)
-    _, _, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
-                                       bound, k, error)
-    assert proven[0].tolist() == [True, False]
+    _, _, proven, all_proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened,
+                                                positions, bound, k, error)
+    assert proven[0].tolist() == [True, False] and not all_proven  # the count of unproven pairs says so too
 
 
 @needs_amx
@@ -381,8 +381,8 @@ def test_rescore_topk_never_reads_a_survivor_that_cannot_enter():
     positions = torch.tensor([[[0, 1, 2, 3]]])
     exact = (unit_cands[0, 0] @ table[[1, 2, 3]].T).tolist()
     screened = torch.tensor([[exact + [-0.9]]])
-    scores, top, proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([5]), screened, positions,
-                                              torch.tensor([[-0.95]]), 2, (0.01, 0.0))
+    scores, top, proven, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([5]), screened, positions,
+                                                 torch.tensor([[-0.95]]), 2, (0.01, 0.0))
     assert 3 not in top[0, 0].tolist() and torch.isfinite(scores).all()
     assert top[0, 0, 0] == 0 and bool(proven[0, 0])
 
