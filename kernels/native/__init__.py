@@ -278,9 +278,7 @@ def screen_topk(
     else:
         cands, cand_pad = _padded_candidates(unit_cands)
         pairs = dim
-    history = history.to(torch.int64)
-    if history.stride(1) != 1:
-        history = history.contiguous()
+    history = _rows_contiguous(history)
     lengths = _dense(lengths, torch.int64)
     shapes = ((n_users, n_cands, keep), (n_users, n_cands, keep), (n_users, n_cands), (n_users,))
     dtypes = (torch.float32, torch.int64, torch.float32, torch.int64)
@@ -351,8 +349,17 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int
 
 def _dense(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor` as a contiguous tensor of `dtype`: itself when it already is one (a call passes
-    ~10 such tensors; skipping the no-op conversions saves their dispatch)."""
+    ~10 such tensors; even a no-op conversion is a dispatch, ~1 us warm and several times that
+    inside a call, whose screen has evicted the interpreter's working set from the caches)."""
     return tensor if tensor.dtype == dtype and tensor.is_contiguous() else tensor.to(dtype).contiguous()
+
+
+def _rows_contiguous(history: torch.Tensor) -> torch.Tensor:
+    """int64 history [B, L] whose rows are contiguous (a row stride may exceed L: a block of
+    columns of a wider history is read in place)."""
+    if history.dtype != torch.int64:
+        history = history.to(torch.int64)
+    return history if history.stride(1) == 1 else history.contiguous()
 
 
 def id_range(ids: torch.Tensor) -> tuple[int, int]:
@@ -376,10 +383,10 @@ def unit_candidates(table: torch.Tensor, inv_norm: torch.Tensor, row_error: torc
     Raises RuntimeError when `available()` is False."""
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
-    table, inv_norm, ids = table.contiguous(), inv_norm.contiguous(), _dense(ids, torch.int64)
+    table, inv_norm, ids = _dense(table, table.dtype), _dense(inv_norm, torch.float32), _dense(ids, torch.int64)
     if not out.is_contiguous() or out.dtype != torch.float32 or tuple(out.shape) != (ids.numel(), table.shape[1]):
         raise ValueError(f"unit_candidates: `out` must be contiguous float32 [{ids.numel()}, {table.shape[1]}]")
-    errors = row_error.contiguous().data_ptr() if row_error is not None else None
+    errors = _dense(row_error, torch.float32).data_ptr() if row_error is not None else None
     return float(_STATE["unit"](table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), errors,
                                 ids.data_ptr(), ids.numel(), out.data_ptr()))
 
@@ -420,12 +427,10 @@ def rescore_topk(
     """
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
-    table, inv_norm = table.contiguous(), inv_norm.contiguous()
+    table, inv_norm = _dense(table, table.dtype), _dense(inv_norm, torch.float32)
     unit_cands, positions = _dense(unit_cands, torch.float32), _dense(positions, torch.int64)
     screened, bound = _dense(screened, torch.float32), _dense(bound, torch.float32)
-    history, lengths = history.to(torch.int64), _dense(lengths, torch.int64)
-    if history.stride(1) != 1:
-        history = history.contiguous()
+    history, lengths = _rows_contiguous(history), _dense(lengths, torch.int64)
     n_users, n_cands, m = positions.shape
     if out is None:
         scores = torch.empty(n_users, n_cands, k)
