@@ -621,7 +621,9 @@ class _Screener:
         )
         screened, positions, bound, _ = native.screen_topk(
             screen, unit_cands, history, lengths, keep, k, 2.02 * absolute,
-            sample_every=native.sampled_start(k, n_cands) if sampled else 0, out=out, int8_cands=int8_cands,
+            sample_every=native.sampled_start(k, n_cands, history.shape[1], screen.shape[1] * screen.element_size())
+            if sampled else 0,
+            out=out, int8_cands=int8_cands,
         )
         # Complete when nothing eligible was left out, or when whatever was (screened at most
         # `bound`, so exactly at most bound + error) scores below the k-th exact survivor:

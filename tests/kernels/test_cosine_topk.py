@@ -404,7 +404,7 @@ def test_an_unlucky_sample_fails_the_proof_and_is_screened_again_without_one(mon
     if screen_kind == "torch-screen":
         pytest.skip("the sampled start is the fused screen's")
     table = make_table(5_000, 128, torch.float32)
-    every = native.sampled_start(50, native.MIN_SAMPLED_CANDIDATES)
+    every = native.sampled_start(50, native.MIN_SAMPLED_CANDIDATES, 4_000, 128 * 2)  # bf16 rows: a dense sample
     history, _ = sampled_copies_history(table, 4_000, every=every, copies=native.sample_rank(50, every))
     candidates, lengths = torch.ones(1, native.MIN_SAMPLED_CANDIDATES, dtype=torch.int64), torch.tensor([4_000])
     samples = []
@@ -445,6 +445,24 @@ def test_short_histories_with_many_candidates_match_the_reference(dtype):
     fast = cosine_topk(table, candidates, history, lengths, 10, impl="cpu")
     ref = cosine_topk_reference(table, candidates, history, lengths, 10)
     assert_valid_topk(table, candidates, history, lengths, 10, fast[0], fast[1])
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+
+
+def test_densely_sampled_histories_match_the_reference(monkeypatch, screen_kind):
+    # Histories short enough for a dense sample (one row in k / 5), with enough candidates to
+    # sample at all: the start from it is still exact, ties and duplicates included.
+    table = make_table(3_000, 64, torch.float16)
+    candidates, history, lengths = random_batch(3_000, 3, 1_200, native.MIN_SAMPLED_CANDIDATES, [1_200, 700, 1_000], seed=9)
+    history[0, 100:400:3] = history[0, 50]  # copies of one item across the sampled rows
+    samples = []
+    original = native.screen_topk
+    monkeypatch.setattr(native, "screen_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
+    fast = cosine_topk(table, candidates, history, lengths, 50, impl="cpu")
+    if screen_kind == "native-screen":
+        assert samples[0] == 50 // native.DENSE_SAMPLE_PER_K
+    ref = cosine_topk_reference(table, candidates, history, lengths, 50)
+    assert_valid_topk(table, candidates, history, lengths, 50, fast[0], fast[1])
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 

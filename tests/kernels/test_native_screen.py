@@ -424,6 +424,19 @@ def test_the_sample_rank_bounds_the_chance_of_a_failed_proof():
         native.sample_rank(1_000, 2)
 
 
+def test_short_histories_are_sampled_densely_long_ones_one_row_in_k():
+    bf16_row, c = 128 * 2, native.MIN_SAMPLED_CANDIDATES
+    assert native.sampled_start(50, c, 1_000, bf16_row) == 10  # 256 KB of rows, 100 sampled
+    assert native.sampled_start(50, c, 100_000, bf16_row) == 50  # 25.6 MB: re-read from memory
+    assert native.sampled_start(50, c, 16_384, bf16_row) == 10 and native.sampled_start(50, c, 16_385, bf16_row) == 50
+    assert native.sampled_start(50, c, 479, bf16_row) == 50  # 47 dense rows: too few to pay
+    assert native.sampled_start(50, c, 480, bf16_row) == 10
+    assert native.sampled_start(100, c, 1_000, bf16_row) == 20
+    assert native.sampled_start(50, c - 1, 1_000, bf16_row) == 0 and native.sampled_start(8, c, 1_000, bf16_row) == 0
+    for k in (16, 50, 100, 1_000):  # every dense sample's rank fits the sampled bests kept
+        assert 1 <= native.sample_rank(k, k // native.DENSE_SAMPLE_PER_K) < native.SAMPLE_VALUES
+
+
 @needs_amx
 def test_the_bf16_tile_operand_is_torchs_rounding_zero_padded():
     gen = torch.Generator().manual_seed(12)
