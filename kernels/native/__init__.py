@@ -33,10 +33,11 @@ from kernels.scratch import scratch
 if TYPE_CHECKING:  # int8_screen calls into this module
     from kernels.int8_screen import Int8Candidates
 
-__all__ = ["available", "id_range", "int8_available", "quantize_int8_candidates", "rescore_topk", "screen_topk",
-           "unavailable_reason", "unit_candidates"]
+__all__ = ["available", "id_range", "int8_available", "pair_cosines", "quantize_int8_candidates", "rescore_topk",
+           "screen_topk", "unavailable_reason", "unit_candidates"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c", "id_range.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c", "id_range.c",
+                                                                "pair_cosines.c")]
 _HEADERS = [Path(__file__).with_name("table_rows.h")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8", "-fPIC", "-shared", "-fopenmp"]
 _LOCK = threading.Lock()
@@ -141,6 +142,11 @@ def _load():
     id_range.restype = None
     id_range.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     _STATE["id_range"] = id_range
+    cosines = library.muse_pair_cosines
+    cosines.restype = ctypes.c_int
+    cosines.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    _STATE["cosines"] = cosines
     return fn, None
 
 
@@ -387,6 +393,31 @@ def id_range(ids: torch.Tensor) -> tuple[int, int]:
     out = (ctypes.c_int64 * 2)()
     _STATE["id_range"](ids.data_ptr(), ids.numel(), out)
     return out[0], out[1]
+
+
+def pair_cosines(table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """Cosines float32 [B, C, M] between rows `targets` [B, C] of `table` [N+1, D] (float32 /
+    float16 / bfloat16 / int8, as stored) and rows `ids` [B, M] (shared by a user's targets) or
+    [B, C, M], in one native call; 0 where either row is zero or its id lies outside the table.
+    Each pair is summed on its own in one fixed order (pair_cosines.c), so its bits do not depend
+    on the batch it comes in. Raises RuntimeError when `available()` is False."""
+    if _screen_fn() is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    if table.dim() != 2 or table.dtype not in _DTYPE_CODES:
+        raise ValueError(f"pair_cosines: `table` must be [N+1, D] of {list(_DTYPE_CODES)}, got {table.dtype} {tuple(table.shape)}")
+    if targets.dim() != 2 or ids.dim() not in (2, 3) or ids.shape[0] != targets.shape[0] or (
+            ids.dim() == 3 and ids.shape[1] != targets.shape[1]):
+        raise ValueError(f"pair_cosines: `targets` must be [B, C] and `ids` [B, M] or [B, C, M], got "
+                         f"{tuple(targets.shape)} and {tuple(ids.shape)}")
+    table, targets, ids = _dense(table, table.dtype), _dense(targets, torch.int64), _dense(ids, torch.int64)
+    n_users, n_targets = targets.shape
+    out = torch.empty(n_users, n_targets, ids.shape[-1])
+    status = _STATE["cosines"](table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[0], table.shape[1],
+                               targets.data_ptr(), n_users, n_targets, ids.data_ptr(), ids.shape[-1], int(ids.dim() == 3),
+                               threads or torch.get_num_threads(), out.data_ptr())
+    if status != 0:
+        raise MemoryError(f"pair_cosines: could not allocate the norms of {ids.numel()} rows")
+    return out
 
 
 def unit_candidates(table: torch.Tensor, inv_norm: torch.Tensor, row_error: torch.Tensor | None, ids: torch.Tensor,
