@@ -123,15 +123,42 @@ class DinAttention(nn.Module):
         """query [R, D], keys [R, L, D], mask bool [R, L] -> [R, D] (zeros for all-padding rows)."""
         rows, length, dim = keys.shape
         real = mask.reshape(-1)
-        # Only real (target, behaviour) pairs go through the scorer: padding costs nothing and
-        # cannot leak into batch statistics of the activation.
-        q = query.unsqueeze(1).expand(rows, length, dim).reshape(-1, dim)[real]
-        k = keys.reshape(-1, dim)[real]
-        scores = self.out(self.scorer(torch.cat([q, k, q - k, q * k], dim=-1))).squeeze(-1)
+        # Only real (target, behaviour) pairs go through the scorer's activations: padding cannot
+        # leak into batch statistics of the activation.
+        first = self._first_layer(query, keys, real)
+        if len(self.scorer.layers):
+            scores = self.out(self.scorer.layers[1:](first)).squeeze(-1)
+        else:  # no hidden layer: the first linear layer is the output
+            scores = first.squeeze(-1)
         logits = torch.zeros(rows * length, dtype=scores.dtype, device=scores.device)
         logits = logits.masked_scatter(real, scores).reshape(rows, length)
         weights = masked_softmax(logits, mask)
         return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
+
+    def _first_layer(self, query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The scorer's first linear layer on [q, k, q - k, q * k] of every real pair: [P, H].
+
+        Its weight [H, 4D] splits into W_q, W_k, W_d, W_p, and W [q, k, q - k, q * k] =
+        (W_q + W_d) q + (W_k - W_d) k + W_p (q * k): the query's part is computed once per row
+        and the [P, 4D] concatenation is never built (at 1,000 candidates x 50 behaviours the
+        concatenation and its product took ~60% of the attention's time).
+        """
+        rows, length, dim = keys.shape
+        layer = self.scorer.layers[0] if len(self.scorer.layers) else self.out
+        w_q, w_k, w_d, w_p = layer.weight.split(dim, dim=1)
+        per_row = nn.functional.linear(query, w_q + w_d, layer.bias)  # [R, H]
+        # the sums accumulate in place in one [P, H] buffer (a fresh result per term doubled the time)
+        if bool(real.all()):  # every pair real (a full short history): views, no gathers
+            pairs = keys.reshape(-1, dim) @ (w_k - w_d).t()
+            pairs.addmm_((keys * query.unsqueeze(1)).reshape(-1, dim), w_p.t())
+            pairs.view(rows, length, -1).add_(per_row.unsqueeze(1))
+            return pairs
+        row_of_pair = torch.div(real.nonzero().squeeze(1), length, rounding_mode="floor")
+        k = keys.reshape(-1, dim)[real]
+        pairs = per_row.index_select(0, row_of_pair)
+        pairs.addmm_(k, (w_k - w_d).t())
+        pairs.addmm_(query.index_select(0, row_of_pair) * k, w_p.t())
+        return pairs
 
 
 class SimTier(nn.Module):

@@ -73,6 +73,36 @@ def test_din_attention_padding_content_changes_nothing(gen, activation):
     assert torch.equal(keys.grad[~mask], torch.zeros(int((~mask).sum()), D))
 
 
+def _din_by_concatenation(layer: DinAttention, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DIN attention written out: the scorer on [q, k, q - k, q * k] of every real pair."""
+    rows, length, dim = keys.shape
+    real = mask.reshape(-1)
+    qs = q.unsqueeze(1).expand(rows, length, dim).reshape(-1, dim)[real]
+    ks = keys.reshape(-1, dim)[real]
+    scores = layer.out(layer.scorer(torch.cat([qs, ks, qs - ks, qs * ks], dim=-1))).squeeze(-1)
+    logits = torch.zeros(rows * length).masked_scatter(real, scores).reshape(rows, length)
+    return torch.bmm(masked_softmax(logits, mask).unsqueeze(1), keys).squeeze(1)
+
+
+@pytest.mark.parametrize("hidden", [(8, 4), ()])
+@pytest.mark.parametrize("full", [False, True])
+def test_din_attention_equals_its_scorer_on_the_concatenated_pair(gen, hidden, full):
+    # The first layer is computed in parts (the query's once per row): the same function, to
+    # float32 rounding, in values and in gradients, with padding and without.
+    torch.manual_seed(1)
+    layer = DinAttention(D, hidden=hidden, activation="dice")
+    mask = torch.ones(R, L, dtype=torch.bool) if full else _mask()
+    q = torch.randn(R, D, generator=gen, requires_grad=True)
+    keys = torch.randn(R, L, D, generator=gen, requires_grad=True)
+    out = layer(q, keys, mask)
+    expected = _din_by_concatenation(layer, q, keys, mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [q, keys, *layer.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [q, keys, *layer.parameters()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_simtier_exact_histogram_with_boundaries():
     tier = SimTier(num_tiers=20)
     sims = torch.tensor([[-1.0, 0.0, 1.0, 0.05, -0.05, 0.95, 0.5, 0.0]])
