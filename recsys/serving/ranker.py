@@ -25,6 +25,7 @@ import torch
 from recsys.cli import UserError
 from recsys.data.vocab import Vocab
 from recsys.features import FeatureBuilder, FeatureConfig
+from recsys.memory import retain_freed_memory
 from recsys.models.muse import MuseModel
 from recsys.paths import DataLayout
 from recsys.serving.scorer import Scores, StageTimings
@@ -96,6 +97,7 @@ class Ranker:
     ):
         if max_rows < 1 or max_history_cells < 1:
             raise ValueError(f"max_rows and max_history_cells must be >= 1, got {max_rows}, {max_history_cells}")
+        retain_freed_memory()  # a call's large tensors are reused by the next, not faulted in again
         self.model = model.eval()
         store = features.store._store if isinstance(features.store, _TimedStore) else features.store
         self._store = _TimedStore(store)

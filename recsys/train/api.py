@@ -24,6 +24,7 @@ import torch
 from recsys.cli import UserError
 from recsys.data.vocab import Vocab
 from recsys.features import FeatureBuilder, FeatureConfig, FeatureMap
+from recsys.memory import retain_freed_memory
 from recsys.models.io import load_model_config, load_model_dir, save_model
 from recsys.models.muse import ModelConfig, MuseModel, variant_spec
 from recsys.paths import DataLayout
@@ -194,10 +195,12 @@ def train_model(
         resume: continue from out_dir/checkpoint.pt (same MLflow run) instead of starting over.
         tracking_uri: MLflow URI (default: MLFLOW_TRACKING_URI, else DATA/runs/mlflow.db).
         track: log to MLflow and register; False trains and evaluates only.
-    Torch runs with `config.threads` intra-op threads for the call (restored after).
+    Torch runs with `config.threads` intra-op threads for the call (restored after), and the
+    process keeps the memory each batch frees for the next (`recsys.memory`).
     """
     layout = layout if isinstance(layout, DataLayout) else DataLayout(layout)
     config.validate()
+    retain_freed_memory()
     with torch_threads(config.threads):
         return _train(layout, config, out_dir, resume, tracking_uri, track, progress, run_name)
 
