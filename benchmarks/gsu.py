@@ -285,13 +285,18 @@ def main() -> int:
         "machine_limits": limits,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(result, tmp, indent=2)
-    os.replace(tmp.name, args.out)
-    print(json.dumps(result, indent=2))
+    write_results(result, args.out)
     print_table(result)
     return 0
+
+
+def write_results(result: dict, out: Path) -> None:
+    """Writes `result` as JSON to `out` (a temporary name, then renamed) and prints it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(result, tmp, indent=2)
+    os.replace(tmp.name, out)
+    print(json.dumps(result, indent=2))
 
 
 def print_table(result: dict) -> None:
