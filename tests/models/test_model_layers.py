@@ -8,6 +8,7 @@ import torch
 
 from recsys.models.layers import (
     MLP,
+    Dice,
     DinAttention,
     SemanticTargetAttention,
     SimTier,
@@ -101,6 +102,22 @@ def test_din_attention_equals_its_scorer_on_the_concatenated_pair(gen, hidden, f
     expected_grads = torch.autograd.grad(expected.square().sum(), [q, keys, *layer.parameters()])
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dice_is_the_din_formula(gen, train):
+    # p x + (1 - p) alpha x with p = sigmoid(BN(x)): values and gradients, batch or running statistics
+    dice = Dice(D).train(train)
+    with torch.no_grad():
+        dice.alpha.uniform_(-0.5, 0.5, generator=gen)
+    x = torch.randn(R * L, D, generator=gen, requires_grad=True)
+    out = dice(x)
+    p = torch.sigmoid(dice.norm(x))
+    expected = p * x + (1.0 - p) * dice.alpha * x
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), [x, dice.alpha])
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), [x, dice.alpha])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_simtier_exact_histogram_with_boundaries():
