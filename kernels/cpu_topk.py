@@ -69,7 +69,7 @@ from kernels.hugepages import collapse_to_huge, empty_huge
 from kernels.int8_screen import Int8Screen, build_int8_screen, int8_screen_error, quantize_candidates
 from kernels.scratch import scratch
 
-__all__ = ["cosine_topk_cpu", "screen_error_bound"]
+__all__ = ["cosine_topk_cpu", "prepare_table_cpu", "screen_error_bound"]
 
 # Element budgets that bound memory whatever the input size: the score chunk [Bb, C, n] and the
 # gathered rows [Bb, n, D]; 8M row elements are 65,536 rows of D = 128.
@@ -482,6 +482,18 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
     prep = _TablePrep(inv_norm, screen, screen_error, row_error)
     _PREP[:] = [weakref.ref(table, _forget_prep), version, prep]
     return prep
+
+
+def prepare_table_cpu(table: torch.Tensor) -> bool:
+    """Builds now what calls over `table` would otherwise build on first use: its reciprocal norms
+    and normalised bf16 copy, and its int8 copy where this CPU screens from one. Returns False
+    where nothing is kept for it (a tensor made under `torch.inference_mode`)."""
+    prep = _table_prep(table)
+    if prep is None:
+        return False
+    if _Screener(table, prep).int8:
+        _int8_copy(table, prep)
+    return True
 
 
 def _int8_copy(table: torch.Tensor, prep: _TablePrep) -> Int8Screen:

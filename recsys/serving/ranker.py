@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kernels import prepare_table
 from recsys.cli import UserError
 from recsys.data.vocab import Vocab
 from recsys.features import FeatureBuilder, FeatureConfig
@@ -180,8 +181,12 @@ class Ranker:
         return ranker
 
     def warm_up(self) -> None:
-        """One throwaway call, so the first real request does not pay for lazy initialisation."""
+        """One throwaway call and the GSU's per-table copies, so the first real request does not
+        pay for lazy initialisation (200,000 items: 100 ms for a first request at 100,000 x 100
+        against ~9 ms later ones)."""
         self.score(0, [0])
+        if self.features.config.gsu_policy == "muse" and self.features.table is not None:
+            prepare_table(self.features.table.weights)
 
     # ------------------------------------------------------------------ scoring
 

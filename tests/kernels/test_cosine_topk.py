@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 import kernels.cpu_topk as cpu_topk
 from kernels import cosine_topk, native
 from kernels.cosine_topk import jagged_to_padded
@@ -106,6 +107,20 @@ def test_per_chunk_normalisation_matches_the_prepared_copy(monkeypatch, force_sc
     assert torch.equal(prepared[1], per_chunk[1])
     # The native path re-scores in its own summation order: equal up to float32 rounding.
     torch.testing.assert_close(prepared[0], per_chunk[0], atol=2e-6, rtol=0)
+
+
+def test_a_prepared_table_builds_nothing_on_its_first_call(monkeypatch):
+    # prepare_table builds the per-table copies ahead: the first call only reads them
+    table = make_table(300, 32, torch.float16)
+    candidates, history, lengths = random_batch(300, 1, 2_000, 1, [2_000])  # few candidates, long: int8 where it runs
+    assert kernels.prepare_table(table)
+    for name in ("empty_huge", "build_int8_screen"):
+        monkeypatch.setattr(cpu_topk, name, lambda *a, **k: pytest.fail("built again on the first call"))
+    scores, positions = cosine_topk(table, candidates, history, lengths, 10)
+    expected = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert torch.equal(positions, expected[1])
+    with torch.inference_mode():
+        assert not kernels.prepare_table(make_table(10, 8))  # nothing can be kept for it
 
 
 def test_prepared_copy_follows_in_place_edits_of_the_table(force_screen):

@@ -95,6 +95,16 @@ def test_stage_timings_add_up(ranker, data_folder):
     assert t.history_ms + t.gsu_ms + t.esu_ms <= t.total_ms + 1e-6
 
 
+def test_loading_prepares_the_gsu_table_before_the_first_request(data_folder, model_dirs, monkeypatch):
+    import recsys.serving.ranker as ranker_module
+
+    prepared = []
+    monkeypatch.setattr(ranker_module, "prepare_table", prepared.append)
+    loaded = Ranker.load(str(model_dirs[0]), data_folder["layout"].root)
+    assert loaded.feature_config.gsu_policy == "muse"
+    assert len(prepared) == 1 and prepared[0] is loaded.features.table.weights
+
+
 def test_load_rejects_a_folder_that_is_not_a_model(data_folder, tmp_path):
     with pytest.raises(UserError, match="not a saved model folder"):
         Ranker.load(str(tmp_path), data_folder["layout"].root)
