@@ -58,6 +58,7 @@ keeps its chunk buffers between calls (tens of MB at the largest shapes). torch'
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -119,7 +120,12 @@ INT8_TWO_PARTS = True
 INT8_MIN_LENGTH = 512
 INT8_MIN_ROWS_PER_CANDIDATE = 1_280
 INT8_KEEP_FACTOR = 3
-_PREP: list = []  # [weakref to the table, its version, its _TablePrep]
+# Prepared tables, most recently used last: [weakref to the table, its version, its _TablePrep].
+# Two, so that a service reloading its model (a new table next to the old one, both in use for a
+# while) does not rebuild each table on every alternation.
+_PREP: list = []
+_PREP_LOCK = threading.RLock()  # re-entrant: a table freed inside the lock calls _forget_prep
+PREPARED_TABLES = 2
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -450,19 +456,25 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
     """The reciprocal row norms of `table` and (if small enough) its normalised bfloat16 copy;
     the table's own memory is moved onto huge pages (`collapse_to_huge`, best effort).
 
-    Built once and kept for the last table seen, while that very tensor is unmodified (identity
-    and version counter): re-normalising the gathered rows on every call costs several passes
-    over them, more than the matmul itself. Returns None for tensors created under
-    `torch.inference_mode` (they carry no version counter, so an edit could not be noticed): their
-    rows are then normalised as they are gathered.
+    Built once and kept for the last PREPARED_TABLES tables seen, while that very tensor is
+    unmodified (identity and version counter): re-normalising the gathered rows on every call
+    costs several passes over them, more than the matmul itself. Returns None for tensors created
+    under `torch.inference_mode` (they carry no version counter, so an edit could not be
+    noticed): their rows are then normalised as they are gathered.
     """
     try:
         version = table._version
     except RuntimeError:
         return None
     with_screen = table.numel() <= SCREEN_COPY_MAX_ELEMENTS
-    if _PREP and _PREP[0]() is table and _PREP[1] == version and (_PREP[2].screen is not None) == with_screen:
-        return _PREP[2]
+    with _PREP_LOCK:  # scoring threads share the cache
+        for at, entry in enumerate(_PREP):
+            if entry[0]() is table:
+                del _PREP[at]  # stale, or moved to the end as the most recent
+                if entry[1] == version and (entry[2].screen is not None) == with_screen:
+                    _PREP.append(entry)
+                    return entry[2]
+                break
     inv_norm = torch.empty(table.shape[0])
     # Read at random rows on every call: huge pages spare most TLB misses (kernels/hugepages.py);
     # the table itself too, for the exact re-scoring.
@@ -480,7 +492,9 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
             torch.linalg.vector_norm(screen[r0 : r0 + step].float().sub_(unit), dim=1, out=row_error[r0 : r0 + step])
     screen_error = float(row_error.max()) if row_error is not None and row_error.numel() else 0.0
     prep = _TablePrep(inv_norm, screen, screen_error, row_error)
-    _PREP[:] = [weakref.ref(table, _forget_prep), version, prep]
+    with _PREP_LOCK:
+        _PREP.append([weakref.ref(table, _forget_prep), version, prep])
+        del _PREP[:-PREPARED_TABLES]
     return prep
 
 
@@ -506,9 +520,9 @@ def _int8_copy(table: torch.Tensor, prep: _TablePrep) -> Int8Screen:
 
 
 def _forget_prep(dead: weakref.ref) -> None:
-    """Frees the prepared arrays together with their table (unless a newer table replaced them)."""
-    if _PREP and _PREP[0] is dead:
-        _PREP.clear()
+    """Frees the prepared arrays together with their table (unless newer tables displaced them)."""
+    with _PREP_LOCK:
+        _PREP[:] = [entry for entry in _PREP if entry[0] is not dead]  # identity: weakrefs compare referents
 
 
 def _reciprocal_norms(rows: torch.Tensor) -> torch.Tensor:

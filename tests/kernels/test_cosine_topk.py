@@ -123,6 +123,24 @@ def test_a_prepared_table_builds_nothing_on_its_first_call(monkeypatch):
         assert not kernels.prepare_table(make_table(10, 8))  # nothing can be kept for it
 
 
+def test_two_tables_in_turn_keep_their_prepared_copies(monkeypatch):
+    # A model reload serves from a new table while the old one still answers: neither is rebuilt.
+    old, new, third = (make_table(200, 16, torch.float16) for _ in range(3))
+    candidates, history, lengths = random_batch(200, 1, 300, 9, [300])
+    assert kernels.prepare_table(old) and kernels.prepare_table(new)
+    built = []
+    real_empty_huge = cpu_topk.empty_huge
+    monkeypatch.setattr(cpu_topk, "empty_huge", lambda *a, **k: built.append(1) or real_empty_huge(*a, **k))
+    for table in (old, new, old, new):
+        cosine_topk(table, candidates, history, lengths, 5)
+    assert built == []
+    cosine_topk(third, candidates, history, lengths, 5)  # a third displaces the least recent (old)
+    cosine_topk(new, candidates, history, lengths, 5)
+    assert len(built) == 1
+    cosine_topk(old, candidates, history, lengths, 5)
+    assert len(built) == 2
+
+
 def test_prepared_copy_follows_in_place_edits_of_the_table(force_screen):
     table = make_table(100, 16)
     candidates, history, lengths = random_batch(100, 1, 60, 9, [60])
