@@ -78,7 +78,7 @@ def cosine_topk(
 def prepare_table(table: torch.Tensor) -> bool:
     """Builds what `cosine_topk` keeps per table before the first call needs it, so that call is
     not the one that pays (on the CPU path: the table's normalised bf16 copy and int8 copy, one
-    to a few passes over the table; ~0.1 s for 200,000 rows of 128, ~1 s for 1M). Kept for the
+    to a few passes over the table; ~0.1 s for 200,000 rows of 128, 1-2 s for 1M). Kept for the
     last two tables prepared or used (a model reload serves from a new table while the old one
     still answers), each while it is unmodified. Returns whether anything is kept (False
     on CUDA, which keeps nothing, and for tensors made under `torch.inference_mode`)."""
