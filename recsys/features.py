@@ -366,6 +366,12 @@ def _unit(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def _cpu_constant(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached on the CPU: itself when it already is, so that the GSU kernel's per-table
+    copies, kept for the same tensor object, are built once for a scorer's fixed id table."""
+    return tensor if tensor.device.type == "cpu" and not tensor.requires_grad else tensor.detach().cpu()
+
+
 def _unknown_beyond(ids: torch.Tensor, rows: int) -> torch.Tensor:
     """Ids outside [0, rows) -> 0 (unknown)."""
     return torch.where((ids >= 0) & (ids < rows), ids, torch.zeros_like(ids))
@@ -542,7 +548,7 @@ class FeatureBuilder:
             raise ValueError("FeatureBuilder.build: the 'sim-soft' policy needs id_embeddings (model.item_id_embeddings())")
         # Ids newer than an embedding table (vocab extended after it was built) have no vector:
         # they are read as 0, which the GSU never selects and scores as "no embedding".
-        gsu_ids = id_embeddings.detach().cpu() if cfg.gsu_policy == "sim-soft" else None
+        gsu_ids = _cpu_constant(id_embeddings) if cfg.gsu_policy == "sim-soft" else None
         limits = [t.shape[0] for t in (self.table.weights if self.table is not None else None, gsu_ids) if t is not None]
         if limits:
             rows_known = min(limits)

@@ -90,7 +90,9 @@ def select(
     elif policy == "sim-soft":
         if id_embeddings is None:
             raise ValueError("gsu.select: policy 'sim-soft' needs `id_embeddings` (Tensor [N+1, d])")
-        scores, positions = cosine_topk(id_embeddings.detach(), candidates, history.item_ids, history.lengths, k)
+        # the tensor itself (selection runs without gradient): the kernel keeps its per-table
+        # copies for the same tensor object, and a fresh detach() each call would rebuild them
+        scores, positions = cosine_topk(id_embeddings, candidates, history.item_ids, history.lengths, k)
     elif policy == "sim-hard":
         if candidate_categories is None or candidate_categories.shape != candidates.shape:
             raise ValueError(

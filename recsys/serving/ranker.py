@@ -185,8 +185,11 @@ class Ranker:
         pay for lazy initialisation (200,000 items: 100 ms for a first request at 100,000 x 100
         against ~9 ms later ones)."""
         self.score(0, [0])
-        if self.features.config.gsu_policy == "muse" and self.features.table is not None:
+        policy = self.features.config.gsu_policy
+        if policy == "muse" and self.features.table is not None:
             prepare_table(self.features.table.weights)
+        elif policy == "sim-soft":
+            prepare_table(self._id_embeddings)
 
     # ------------------------------------------------------------------ scoring
 

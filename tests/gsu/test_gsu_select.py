@@ -87,6 +87,20 @@ def test_sim_soft_uses_the_id_embeddings_and_reports_multimodal_cosine():
     torch.testing.assert_close(sel.mm_similarities, expected, atol=1e-5, rtol=0)
 
 
+def test_sim_soft_builds_the_kernels_table_copies_once_for_a_fixed_id_table(monkeypatch):
+    # A scorer's id table is the same tensor every call: the kernel's prepared copies are kept for it
+    import kernels.cpu_topk as cpu_topk
+
+    built = []
+    real_empty_huge = cpu_topk.empty_huge
+    monkeypatch.setattr(cpu_topk, "empty_huge", lambda *a, **k: built.append(1) or real_empty_huge(*a, **k))
+    id_embeddings = torch.randn(41, 6, generator=torch.Generator().manual_seed(6))
+    candidates = torch.tensor([[8, 9], [10, 2], [1, 1]])
+    first = select("sim-soft", HISTORY, candidates, k=3, id_embeddings=id_embeddings)
+    second = select("sim-soft", HISTORY, candidates, k=3, id_embeddings=id_embeddings)
+    assert torch.equal(first.positions, second.positions) and len(built) == 1
+
+
 @pytest.mark.parametrize(
     ("policy", "kwargs", "message"),
     [

@@ -127,3 +127,9 @@ def model_dirs(data_folder, tmp_path_factory):
     """Two fresh models over the data folder (different seeds): folders model-a and model-b."""
     root = tmp_path_factory.mktemp("serving_models")
     return [save_fresh_model(data_folder["layout"], root / f"model-{name}", seed) for name, seed in (("a", 1), ("b", 2))]
+
+
+@pytest.fixture(scope="session")
+def sim_soft_model_dir(data_folder, tmp_path_factory):
+    """A fresh SIM-soft model (its GSU searches the model's own id table)."""
+    return save_fresh_model(data_folder["layout"], tmp_path_factory.mktemp("serving_models") / "sim-soft", 3, "sim-soft")

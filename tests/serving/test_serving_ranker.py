@@ -95,7 +95,7 @@ def test_stage_timings_add_up(ranker, data_folder):
     assert t.history_ms + t.gsu_ms + t.esu_ms <= t.total_ms + 1e-6
 
 
-def test_loading_prepares_the_gsu_table_before_the_first_request(data_folder, model_dirs, monkeypatch):
+def test_loading_prepares_the_gsu_table_before_the_first_request(data_folder, model_dirs, sim_soft_model_dir, monkeypatch):
     import recsys.serving.ranker as ranker_module
 
     prepared = []
@@ -103,6 +103,9 @@ def test_loading_prepares_the_gsu_table_before_the_first_request(data_folder, mo
     loaded = Ranker.load(str(model_dirs[0]), data_folder["layout"].root)
     assert loaded.feature_config.gsu_policy == "muse"
     assert len(prepared) == 1 and prepared[0] is loaded.features.table.weights
+    # SIM-soft searches the model's own id table: that one is prepared, and requests reuse it
+    soft = Ranker.load(str(sim_soft_model_dir), data_folder["layout"].root)
+    assert soft.feature_config.gsu_policy == "sim-soft" and prepared[-1] is soft._id_embeddings
 
 
 def test_load_rejects_a_folder_that_is_not_a_model(data_folder, tmp_path):
