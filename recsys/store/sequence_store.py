@@ -191,15 +191,22 @@ class SequenceStore:
         lengths = np.minimum(cut - start, max_len)
         width = int(lengths.max(initial=0)) if trim else max_len
         begin = cut - lengths
-        out = [np.zeros((len(users), width), dtype=np.int64) for _ in range(3)]
+        # Uninitialised, and only the padding zeroed: full rows are written once, not twice. Where
+        # freed memory is kept (recsys.memory: scoring and training processes) np.zeros clears
+        # reused memory itself: 256 users x 100,000 behaviours 137 -> 77 ms there.
+        out = [np.empty((len(users), width), dtype=np.int64) for _ in range(3)]
         # Each row is one contiguous run of the store: a slice copy (memcpy plus int32 -> int64
         # widening) per row is about 3x faster than one fancy-index gather over all [B, W]
         # positions (benchmarks/store.py measures both), and reads only the pages it returns.
-        for b in np.flatnonzero(lengths):
+        for b in range(len(users)):
             s, e, n = begin[b], cut[b], lengths[b]
-            out[0][b, :n] = self._items[s:e]
-            out[1][b, :n] = self._cats[s:e]
-            out[2][b, :n] = self._ts[s:e]
+            if n:
+                out[0][b, :n] = self._items[s:e]
+                out[1][b, :n] = self._cats[s:e]
+                out[2][b, :n] = self._ts[s:e]
+            if n < width:
+                for column in out:
+                    column[b, n:] = 0
         items, cats, ts = (torch.from_numpy(a) for a in out)
         return HistoryBatch(items, cats, ts, torch.from_numpy(lengths))
 

@@ -64,7 +64,7 @@ def test_point_in_time_matches_brute_force(tmp_path):
         assert batch.item_ids[b, :n].tolist() == ref_items.tolist()
         assert batch.category_ids[b, :n].tolist() == ref_cats.tolist()
         assert batch.ts[b, :n].tolist() == ref_ts.tolist()
-        assert not batch.item_ids[b, n:].any() and not batch.ts[b, n:].any()
+        assert not batch.item_ids[b, n:].any() and not batch.category_ids[b, n:].any() and not batch.ts[b, n:].any()
 
 
 def test_no_behaviour_at_or_after_ts_is_ever_returned(tmp_path):
@@ -85,7 +85,7 @@ def test_unknown_users_get_empty_histories(tmp_path):
     store, users, *_ = _build(tmp_path, _random_events())
     batch = store.history(np.array([0, len(users) + 1, -3, 10**9]), np.full(4, 10**9), max_len=5)
     assert batch.lengths.tolist() == [0, 0, 0, 0]
-    assert not batch.item_ids.any()
+    assert not batch.item_ids.any() and not batch.category_ids.any() and not batch.ts.any()
 
 
 def test_trim_and_zero_max_len(tmp_path):
