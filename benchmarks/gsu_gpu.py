@@ -1,6 +1,6 @@
 """GSU on a GPU: the Triton kernel against the reference, and against the GPU's own limits.
 
-The CUDA counterpart of benchmarks/gsu.py, for the shapes of issue #4 (L in {1,000, 10,000,
+The CUDA counterpart of benchmarks/gsu.py, on its grid of shapes (L in {1,000, 10,000,
 100,000} x C in {1, 100, 1,000}, D = 128, B = max(1, behaviours // L) users so every config scans
 as many behaviours, fp16 table of 1M random unit rows). For each config it times, side by side
 in one run (CUDA events after warm-up calls, median of the repeats):
