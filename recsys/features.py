@@ -333,8 +333,8 @@ def _cosines(table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor) -> t
     behaviours of their own, ~4x for 50 shared ones), else as an elementwise product summed over
     the contiguous last dim, in cache-sized pieces.
     """
-    if native.available():
-        return native.pair_cosines(table, targets, ids)
+    if native.available() and native.pair_cosines_accepts(table):
+        return native.pair_cosines(table, targets.cpu(), ids.cpu())
     rows_known = table.shape[0]
 
     def lookup(dense: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ from kernels.scratch import scratch
 if TYPE_CHECKING:  # int8_screen calls into this module
     from kernels.int8_screen import Int8Candidates
 
-__all__ = ["available", "id_range", "int8_available", "pair_cosines", "quantize_int8_candidates", "rescore_topk",
-           "screen_topk", "unavailable_reason", "unit_candidates"]
+__all__ = ["available", "id_range", "int8_available", "pair_cosines", "pair_cosines_accepts", "quantize_int8_candidates",
+           "rescore_topk", "screen_topk", "unavailable_reason", "unit_candidates"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c", "id_range.c",
                                                                 "pair_cosines.c")]
@@ -395,6 +395,11 @@ def id_range(ids: torch.Tensor) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def pair_cosines_accepts(table: torch.Tensor) -> bool:
+    """Whether `pair_cosines` reads this table: a CPU matrix of one of its storage dtypes."""
+    return table.dim() == 2 and table.dtype in _DTYPE_CODES and table.device.type == "cpu"
+
+
 def pair_cosines(table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """Cosines float32 [B, C, M] between rows `targets` [B, C] of `table` [N+1, D] (float32 /
     float16 / bfloat16 / int8, as stored) and rows `ids` [B, M] (shared by a user's targets) or
@@ -403,8 +408,9 @@ def pair_cosines(table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, 
     on the batch it comes in. Raises RuntimeError when `available()` is False."""
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
-    if table.dim() != 2 or table.dtype not in _DTYPE_CODES:
-        raise ValueError(f"pair_cosines: `table` must be [N+1, D] of {list(_DTYPE_CODES)}, got {table.dtype} {tuple(table.shape)}")
+    if table.dim() != 2 or table.dtype not in _DTYPE_CODES or any(t.device.type != "cpu" for t in (table, targets, ids)):
+        raise ValueError(f"pair_cosines: `table` must be a CPU tensor [N+1, D] of {list(_DTYPE_CODES)}, and the ids on "
+                         f"the CPU, got {table.dtype} {tuple(table.shape)} on {table.device}")
     if targets.dim() != 2 or ids.dim() not in (2, 3) or ids.shape[0] != targets.shape[0] or (
             ids.dim() == 3 and ids.shape[1] != targets.shape[1]):
         raise ValueError(f"pair_cosines: `targets` must be [B, C] and `ids` [B, M] or [B, C, M], got "

@@ -67,6 +67,16 @@ def test_cosines_read_ids_outside_the_table_as_unknown_items(table, path):
     assert torch.equal(got[0, 1:], torch.zeros(2, 3))
 
 
+def test_a_table_the_kernel_does_not_read_takes_the_torch_path(table):
+    # float64 (say, id embeddings of a double-precision model): no native dtype, same cosines
+    targets, ids = _inputs(per_target=True)
+    double = features._cosines(table.double(), targets, ids)
+    torch.testing.assert_close(double, features._cosines(table, targets, ids), atol=1e-6, rtol=0)
+    if native.available():
+        with pytest.raises(ValueError, match="CPU tensor"):
+            native.pair_cosines(table.double(), targets, ids)
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("per_target", [False, True])
