@@ -18,6 +18,8 @@
  *             every product (wrong sums, the same products), alone, and prefetch_products: with
  *             the prefetches between them: whether the tile loads are what waits while the
  *             misses are outstanding;
+ *   loads     the tile loads of every product without the products, alone, and loads_prefetch:
+ *             with the prefetches between them: the tile loads alone against the misses;
  *   small     the tile products with every unit reading the first two candidate tiles (8 KiB of
  *             operands, resident in L1; wrong sums, the same tile loads and products), alone,
  *             and small_prefetch: with the prefetches between them: whether it is the number
@@ -74,9 +76,10 @@ static __m512 fma_work(int steps, __m512 acc) {
 /* One group (32 rows) against every candidate tile, 2 x 2 blocks; `fma_steps` of FMAs after each
  * pair; rows [fetch, fetch + 32) are prefetched a few at a time between the tile products when
  * fetch >= 0, as the screen does; `reload` 0: the operand tiles are loaded for a unit's first
- * slice only; `small`: every unit reads the first two candidate tiles. */
+ * slice only; `small`: every unit reads the first two candidate tiles; `loads_only`: the operand
+ * tiles are loaded and no product is taken. */
 static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64_t fetch, int reload, int int8,
-                          int small) {
+                          int small, int loads_only) {
     /* a tile's depth is 32 bf16 or 64 int8 dims: 64 bytes of a row either way */
     const int slices = int8 ? DIM / 64 : DIM / 32, row_bytes = int8 ? DIM : DIM * 2;
     const int steps = n_tiles / 2 * slices, per_step = (32 + steps - 1) / steps;
@@ -91,7 +94,8 @@ static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64
                 _tile_loadd(6, rows + kk * 256, 64);
                 _tile_loadd(7, rows + (slices + kk) * 256, 64);
             }
-            if (int8) {
+            if (loads_only) {
+            } else if (int8) {
                 _tile_dpbssd(0, 4, 6); _tile_dpbssd(1, 4, 7); _tile_dpbssd(2, 5, 6); _tile_dpbssd(3, 5, 7);
             } else {
                 _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
@@ -108,8 +112,8 @@ static __m512 score_group(const uint32_t *rows, int fma_steps, __m512 acc, int64
     return acc;
 }
 
-enum { GATHER, TILES, BOTH, FMA, FMA_TILES, PREFETCH, PREFETCH_TILES, PRODUCTS, PREFETCH_PRODUCTS, SMALL, SMALL_PREFETCH,
-       INT8_GATHER, INT8, MODES };
+enum { GATHER, TILES, BOTH, FMA, FMA_TILES, PREFETCH, PREFETCH_TILES, PRODUCTS, PREFETCH_PRODUCTS, LOADS, LOADS_PREFETCH,
+       SMALL, SMALL_PREFETCH, INT8_GATHER, INT8, MODES };
 
 /* Seconds of one pass of `mode` over the history. */
 static double run(int mode, int fma_steps) {
@@ -120,17 +124,19 @@ static double run(int mode, int fma_steps) {
             uint32_t *next = group_rows + ((step + 1) & 1) * 2048;
             if ((mode == GATHER || mode == BOTH) && g + 32 < ROWS) gather(&job, g + 32, next, mode == GATHER);
             if ((mode == INT8_GATHER || mode == INT8) && g + 32 < ROWS) gather(&job8, g + 32, next, mode == INT8_GATHER);
-            if (mode == TILES) acc = score_group(group_rows, 0, acc, -1, 1, 0, 0);
-            if (mode == BOTH) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1, 0, 0);
-            if (mode == INT8) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1, 1, 0);
-            if (mode == FMA_TILES) acc = score_group(group_rows, fma_steps, acc, -1, 1, 0, 0);
+            if (mode == TILES) acc = score_group(group_rows, 0, acc, -1, 1, 0, 0, 0);
+            if (mode == BOTH) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1, 0, 0, 0);
+            if (mode == INT8) acc = score_group(group_rows + (step & 1) * 2048, 0, acc, g + 32 + AHEAD, 1, 1, 0, 0);
+            if (mode == FMA_TILES) acc = score_group(group_rows, fma_steps, acc, -1, 1, 0, 0, 0);
             if (mode == PREFETCH)
                 for (int64_t i = g + 32 + AHEAD; i < g + 64 + AHEAD && i < ROWS; i++) prefetch_row(&job, ids[i]);
-            if (mode == PRODUCTS) acc = score_group(group_rows, 0, acc, -1, 0, 0, 0);
+            if (mode == PRODUCTS) acc = score_group(group_rows, 0, acc, -1, 0, 0, 0, 0);
             if (mode == PREFETCH_TILES || mode == PREFETCH_PRODUCTS)
-                acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, mode == PREFETCH_TILES, 0, 0);
-            if (mode == SMALL) acc = score_group(group_rows, 0, acc, -1, 1, 0, 1);
-            if (mode == SMALL_PREFETCH) acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, 1, 0, 1);
+                acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, mode == PREFETCH_TILES, 0, 0, 0);
+            if (mode == LOADS || mode == LOADS_PREFETCH)
+                acc = score_group(group_rows, 0, acc, mode == LOADS ? -1 : g + 32 + AHEAD, 1, 0, 0, 1);
+            if (mode == SMALL) acc = score_group(group_rows, 0, acc, -1, 1, 0, 1, 0);
+            if (mode == SMALL_PREFETCH) acc = score_group(group_rows, 0, acc, g + 32 + AHEAD, 1, 0, 1, 0);
             if (mode == FMA) for (int t = 0; t < n_tiles; t += 2) acc = fma_work(fma_steps, acc);
         }
         double elapsed = now() - start;
@@ -176,7 +182,7 @@ int main(int argc, char **argv) {
     scores = aligned_alloc(64, 1024 * sizeof(float));
     configure_tiles();
     const char *names[MODES] = {"gather", "tiles", "both", "fma", "fma_tiles", "prefetch", "prefetch_tiles",
-                               "products", "prefetch_products", "small", "small_prefetch", "int8_gather", "int8"};
+                               "products", "prefetch_products", "loads", "loads_prefetch", "small", "small_prefetch", "int8_gather", "int8"};
     double seconds[MODES];
     for (int m = 0; m < MODES; m++) seconds[m] = 1e30;
     /* one untimed round (the first tile products of a process run slow), then the best of

@@ -15,6 +15,8 @@ as a control, vector FMAs alone and between the tile products. From the same run
         alone (no gather loads) between the tile products;
     products hidden = (prefetch + products - prefetch_products) / min(prefetch, products): the
         same with the operand tiles loaded once per unit instead of before every product;
+    loads hidden = (prefetch + loads - loads_prefetch) / min(prefetch, loads): the tile loads of
+        every product without the products, against the prefetches: whether the loads are what waits;
     small hidden = (prefetch + small - small_prefetch) / min(prefetch, small): the same tile loads
         as `prefetch hidden`, every unit's candidates from the first two tiles (8 KiB, in L1): the
         control that tells the number of tile loads from the L1 misses of a larger candidate set;
@@ -62,6 +64,7 @@ def main() -> int:
         "fma_hidden": ("fma", "tiles", "fma_tiles"),
         "prefetch_hidden": ("prefetch", "tiles", "prefetch_tiles"),
         "products_hidden": ("prefetch", "products", "prefetch_products"),
+        "loads_hidden": ("prefetch", "loads", "loads_prefetch"),
         "small_hidden": ("prefetch", "small", "small_prefetch"),
     }.items():
         first, second = result[f"{alone}_s"], result[f"{other}_s"]
@@ -81,6 +84,8 @@ def main() -> int:
     print(f"memory requests alone: prefetches {ms['prefetch']:.2f}, between the tile products {ms['prefetch_tiles']:.2f} "
           f"-> hidden {result['prefetch_hidden']:.2f}; products with their operands loaded once per unit "
           f"{ms['products']:.2f}, with the prefetches {ms['prefetch_products']:.2f} -> hidden {result['products_hidden']:.2f}; "
+          f"the tile loads without the products {ms['loads']:.2f}, with the prefetches {ms['loads_prefetch']:.2f} "
+          f"-> hidden {result['loads_hidden']:.2f}; "
           f"the same tile loads from 8 KiB of candidates {ms['small']:.2f}, with the prefetches {ms['small_prefetch']:.2f} "
           f"-> hidden {result['small_hidden']:.2f}")
     print(f"int8 copy: gather {ms['int8_gather']:.2f}, gather and tile products interleaved {ms['int8']:.2f} "
