@@ -16,6 +16,7 @@ for reference). The bound is the larger of the memory time and the fp32 compute 
 
     python benchmarks/gsu_gpu.py                      # the full grid (needs CUDA)
     python benchmarks/gsu_gpu.py --block-c 32 --block-l 256
+    python benchmarks/gsu_gpu.py --splits 1                 # one program per history (no ranges)
     TRITON_INTERPRET=1 python benchmarks/gsu_gpu.py --smoke   # a tiny config on the CPU interpreter
 
 --smoke runs one tiny config on whatever device there is (the interpreter where there is no GPU),
@@ -85,14 +86,18 @@ def gpu_limits(device: torch.device, repeats: int) -> dict[str, float]:
     return out
 
 
-def run_config(table, candidates, history, lengths, k, repeats, device, limits, block_c, block_l, skip_reference):
-    from kernels.triton.cosine_topk import cosine_topk_triton
+def run_config(table, candidates, history, lengths, k, repeats, device, limits, block_c, block_l, splits,
+               skip_reference):
+    from kernels.triton.cosine_topk import cosine_topk_triton, launch_splits
 
     users, length = history.shape
     n_cands, dim = candidates.shape[1], table.shape[1]
     triton_s, triton_mb, (_, positions) = timed(
-        lambda: cosine_topk_triton(table, candidates, history, lengths, k, block_c=block_c, block_l=block_l), device, repeats)
-    row = {"L": length, "C": n_cands, "B": users, "triton_s": triton_s, "triton_peak_mb": triton_mb}
+        lambda: cosine_topk_triton(table, candidates, history, lengths, k, block_c=block_c, block_l=block_l,
+                                   splits=splits), device, repeats)
+    ranges = launch_splits(table, users, n_cands, length, k, block_c=block_c, block_l=block_l, splits=splits)
+    row = {"L": length, "C": n_cands, "B": users, "splits": ranges, "triton_s": triton_s,
+           "triton_peak_mb": triton_mb}
     if not skip_reference:
         reference_s, reference_mb, (_, expected) = timed(
             lambda: cosine_topk_reference(table, candidates, history, lengths, k), device, repeats)
@@ -120,6 +125,8 @@ def main() -> int:
     parser.add_argument("--candidates", type=int, nargs="+", default=[1, 100, 1_000])
     parser.add_argument("--block-c", type=int, default=64, help="candidates per program (the kernel's BLOCK_C)")
     parser.add_argument("--block-l", type=int, default=128, help="history rows per tile (the kernel's BLOCK_L)")
+    parser.add_argument("--splits", type=int, default=None,
+                        help="history ranges per user (default: the kernel's choice for this GPU's SMs)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-reference-scores", type=float, default=2e9,
                         help="skip the reference where B*C*L exceeds this (its [B, C, L] scores)")
@@ -128,6 +135,7 @@ def main() -> int:
     if args.smoke:
         args.items, args.dim, args.k, args.lengths, args.candidates = 200, 16, 4, [40], [3]
         args.behaviours, args.block_c, args.block_l, args.repeats = 80, 16, 16, 1
+        args.splits = args.splits or 2  # the ranges and their merge too
     elif not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run with --smoke (under TRITON_INTERPRET=1) to check the script"}))
         return 1
@@ -142,20 +150,21 @@ def main() -> int:
                                                          seed=length + n_cands)
             table, candidates, history, lens = (t.to(device) for t in (table.half(), candidates, history, lens))
             rows.append(run_config(table, candidates, history, lens, args.k, args.repeats, device, limits,
-                                   args.block_c, args.block_l, users * n_cands * length > args.max_reference_scores))
+                                   args.block_c, args.block_l, args.splits,
+                                   users * n_cands * length > args.max_reference_scores))
     result = {
         "benchmark": "gsu.cosine_topk on GPU (Triton)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET)",
         "settings": {"items": args.items, "dim": args.dim, "k": args.k, "table_dtype": "float16",
-                     "block_c": args.block_c, "block_l": args.block_l, "repeats": args.repeats, "torch": torch.__version__},
+                     "block_c": args.block_c, "block_l": args.block_l, "splits": args.splits or "auto", "repeats": args.repeats, "torch": torch.__version__},
         "gpu_limits": limits,
         "results": rows,
     }
     write_results(result, args.out)
-    print(f"\n{'L':>8} {'C':>6} {'B':>4} {'triton ms':>10} {'ref ms':>9} {'x ref':>7} {'limit ms':>9} {'/limit':>7} "
+    print(f"\n{'L':>8} {'C':>6} {'B':>4} {'S':>4} {'triton ms':>10} {'ref ms':>9} {'x ref':>7} {'limit ms':>9} {'/limit':>7} "
           f"{'bound':>8} {'same pos':>9}")
     for r in rows:
-        print(f"{r['L']:>8,} {r['C']:>6,} {r['B']:>4} {r['triton_s'] * 1e3:>10.3f} "
+        print(f"{r['L']:>8,} {r['C']:>6,} {r['B']:>4} {r['splits']:>4} {r['triton_s'] * 1e3:>10.3f} "
               f"{r['reference_s'] * 1e3 if 'reference_s' in r else float('nan'):>9.3f} "
               f"{r.get('speedup_vs_reference', float('nan')):>7.1f} {r.get('limit_s', float('nan')) * 1e3:>9.3f} "
               f"{r.get('triton_over_limit', float('nan')):>7.1f} {r.get('binding_limit', '-'):>8} "

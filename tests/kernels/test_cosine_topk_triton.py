@@ -13,11 +13,11 @@ from kernels.reference import cosine_topk_reference
 from topk_checks import assert_valid_topk, make_table
 
 pytest.importorskip("triton")
-from kernels.triton.cosine_topk import cosine_topk_triton  # noqa: E402
+from kernels.triton.cosine_topk import MIN_SPLIT_ROWS, PROGRAMS_PER_SM, cosine_topk_triton, history_splits  # noqa: E402
 
 
-def small_triton(table, candidates, history, lengths, k):
-    return cosine_topk_triton(table, candidates, history, lengths, k, block_c=16, block_l=16)
+def small_triton(table, candidates, history, lengths, k, splits=None):
+    return cosine_topk_triton(table, candidates, history, lengths, k, block_c=16, block_l=16, splits=splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
@@ -55,3 +55,39 @@ def test_dispatcher_runs_triton_on_jagged_input():
     result = cosine_topk(table, candidates, values, k=2, offsets=offsets, impl="triton")
     expected = cosine_topk(table, candidates, values, k=2, offsets=offsets, impl="reference")
     assert torch.equal(result[1], expected[1])
+
+
+@pytest.mark.parametrize("splits", [2, 3, 9])
+def test_history_split_in_ranges_merges_to_the_reference(splits):
+    """Ranges of whole 16-row tiles (the last one short, one user's range past its length empty),
+    merged by key: the same positions as one pass, ties across ranges toward the more recent."""
+    table = make_table(50, 16)
+    gen = torch.Generator().manual_seed(3)
+    history = torch.randint(1, 51, (2, 70), generator=gen)
+    history[0, 40:44] = history[0, 3]  # copies of one item on both sides of a range boundary
+    history[1, 20] = 0
+    lengths = torch.tensor([70, 23])  # user 1 ends inside the second range
+    candidates = torch.cat([history[:, 3:4], torch.randint(1, 51, (2, 2), generator=gen)], dim=1)
+    scores, positions = small_triton(table, candidates, history, lengths, 5, splits=splits)
+    ref_scores, ref_positions = cosine_topk_reference(table, candidates, history, lengths, 5)
+    assert torch.equal(positions, ref_positions)
+    torch.testing.assert_close(scores, ref_scores, atol=2e-6, rtol=0)
+    assert positions[0, 0, :5].tolist() == [43, 42, 41, 40, 3]  # the copies, newest first
+
+
+def test_more_ranges_than_the_history_has_tiles_and_fewer_behaviours_than_k():
+    table = make_table(20, 16)
+    history = torch.tensor([[4, 5, 6, 0, 0]])
+    scores, positions = small_triton(table, torch.tensor([[4]]), history, torch.tensor([3]), 4, splits=8)
+    assert positions[0, 0, 0] == 0 and positions[0, 0, 3] == -1 and scores[0, 0, 3] == float("-inf")
+    with pytest.raises(ValueError, match="splits"):
+        small_triton(table, torch.tensor([[4]]), history, torch.tensor([3]), 4, splits=0)
+
+
+def test_history_splits_fill_the_gpu_with_ranges_of_whole_tiles():
+    # one ranking request: 2 candidate tiles x ranges of at least MIN_SPLIT_ROWS rows
+    assert history_splits(1, 2, 100_000, 128, 132) == min(-(-PROGRAMS_PER_SM * 132 // 2), 782 // (MIN_SPLIT_ROWS // 128))
+    assert history_splits(1, 16, 100_000, 128, 132) == -(-PROGRAMS_PER_SM * 132 // 16)
+    assert history_splits(100, 16, 1_000, 128, 132) == 1  # users and tiles already fill it
+    assert history_splits(1, 2, 1_000, 128, 132) == 1  # too short to split
+    assert history_splits(1, 2, 100_000, 128, 0) == 1  # no GPU: the interpreter
