@@ -181,6 +181,7 @@ def test_users_longest_first_in_many_blocks_are_written_in_place(monkeypatch):
     # and the users without behaviours at the end are filled apart.
     monkeypatch.setattr(cpu_topk, "SCREEN_SCORE_BUDGET", 256)
     monkeypatch.setattr(cpu_topk, "ROW_BUDGET", 512)
+    monkeypatch.setattr(cpu_topk, "FUSED_KEPT_BUDGET", 3 * 18 * 2)  # two users a block (k = 6: 18 kept)
     table = make_table(300, 8)
     candidates, history, lengths = random_batch(300, 7, 201, 3, [201, 150, 150, 64, 9, 0, 0], pad_prob=0.1)
     ref = cosine_topk_reference(table, candidates, history, lengths, 6)
@@ -188,6 +189,33 @@ def test_users_longest_first_in_many_blocks_are_written_in_place(monkeypatch):
     assert torch.equal(fast[1], ref[1])
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
     assert (fast[1][5:] == -1).all() and (fast[0][5:] == float("-inf")).all()
+
+
+def test_fused_blocks_take_users_down_to_a_floor_within_a_budget():
+    lengths = [100, 80, 51, 50, 49, 0]
+    assert cpu_topk._fused_block_users(lengths, 0, 50, 10) == 3  # 100, 80, 51: above the floor
+    assert cpu_topk._fused_block_users(lengths, 0, 50, 2) == 2  # the budget's cap
+    assert cpu_topk._fused_block_users(lengths, 3, 25, 10) == 2  # 50, 49
+    assert cpu_topk._fused_block_users(lengths, 4, 60, 0) == 1  # always one
+
+
+def test_the_fused_screen_takes_a_batch_of_similar_users_in_one_call(monkeypatch, screen_kind, force_screen):
+    if screen_kind == "torch-screen":
+        pytest.skip("the block plan of the fused screen")
+    table = make_table(400, 16)
+    candidates, history, lengths = random_batch(400, 6, 300, 2, [300, 290, 260, 200, 151, 140], pad_prob=0.05)
+    ref = cosine_topk_reference(table, candidates, history, lengths, 5)
+    calls = count_calls(monkeypatch, "screen_topk", owner=native)
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
+    assert len(calls) == 2  # users down to half the longest (151 > 150), then the last one
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+    calls.clear()
+    kept = 15 * (cpu_topk.INT8_KEEP_FACTOR if screen_kind == "int8-screen" else 1)  # k + 2k, x3 from int8
+    monkeypatch.setattr(cpu_topk, "FUSED_KEPT_BUDGET", 2 * 2 * kept)  # at most two users a block
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
+    assert len(calls) == 3  # 300, 290 | 260, 200 | 151, 140
+    assert torch.equal(fast[1], ref[1])
 
 
 def near_tie_case():
