@@ -959,54 +959,54 @@ done:
     return status;
 }
 
-/* <cand, row ids[q]> * inv_norm[ids[q]] in float32 for four rows, each summed in one fixed order
- * (dims in order, one accumulator), so all copies of an item get the same bits for a candidate
- * (duplicates tie exactly) whichever rows share its call. Four chains of multiply-adds in flight
- * instead of one: a row's alone waited on each step's latency (~48 cycles a row from L2 at
- * L = 1,000). */
-static inline void exact_scores4(const void *table, int dtype, int64_t dim, const float *inv_norm, const float *cand,
-                                 const int64_t ids[4], float out[4]) {
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0, sum2 = sum0, sum3 = sum0;
+/* Sums of 8 vectors of 16 lanes, one a row: lane pairs (i, i + 8), then (i, i + 4), (i, i + 2),
+ * (i, i + 1) of each row's lanes added in that order, the same for every row (a row's bits do not
+ * depend on its slot), into sums[0..8). Across 8 rows the shuffles are shared: ~23 instructions in
+ * all, where a reduction per row took ~8 each. */
+static inline void reduce8(const __m512 acc[8], float sums[8]) {
+    __m512 half[4], quarter[2];
+    for (int i = 0; i < 4; i++)  /* rows 2i, 2i + 1: 8 partials each (lanes 0-7, 8-15) */
+        half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x44),
+                                _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; i++)  /* rows 4i .. 4i + 3: 4 partials each, one 128-bit quarter a row */
+        quarter[i] = _mm512_add_ps(_mm512_shuffle_f32x4(half[2 * i], half[2 * i + 1], 0x88),
+                                   _mm512_shuffle_f32x4(half[2 * i], half[2 * i + 1], 0xDD));
+    /* quarter q: rows q (lanes 0, 1) and q + 4 (lanes 2, 3), 2 partials each */
+    const __m512 pairs = _mm512_add_ps(_mm512_shuffle_ps(quarter[0], quarter[1], 0x88),
+                                       _mm512_shuffle_ps(quarter[0], quarter[1], 0xDD));
+    /* each quarter's lanes (0, 1) hold row q's two partials in the order above, (2, 3) row q + 4's */
+    const __m512 total = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0xB1));
+    /* lane 4q: row q, lane 4q + 2: row q + 4 */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_ps(sums, _mm512_castps512_ps256(_mm512_permutexvar_ps(order, total)));
+}
+
+/* <cand, row ids[q]> * inv_norm[ids[q]] in float32 for eight rows of a table of `dtype` (a
+ * constant where this is inlined: one loop per dtype), each summed in one fixed order (dims in
+ * order, one accumulator, then `reduce8`), so all copies of an item get the same bits for a
+ * candidate (duplicates tie exactly) whichever rows share its call. Eight chains of multiply-adds
+ * in flight: a row's alone waited on each step's latency. */
+static inline __attribute__((always_inline)) void exact_scores8_of(const void *table, int dtype, int64_t dim,
+                                                                   const float *inv_norm, const float *cand,
+                                                                   const int64_t ids[8], float out[8]) {
+    __m512 acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += 16) {
         const __mmask16 lanes = d + 16 <= dim ? 0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
         const __m512 c = _mm512_maskz_loadu_ps(lanes, cand + d);
-        sum0 = _mm512_fmadd_ps(c, load_row16(table, dtype, dim, ids[0], d, lanes), sum0);
-        sum1 = _mm512_fmadd_ps(c, load_row16(table, dtype, dim, ids[1], d, lanes), sum1);
-        sum2 = _mm512_fmadd_ps(c, load_row16(table, dtype, dim, ids[2], d, lanes), sum2);
-        sum3 = _mm512_fmadd_ps(c, load_row16(table, dtype, dim, ids[3], d, lanes), sum3);
+        for (int r = 0; r < 8; r++) acc[r] = _mm512_fmadd_ps(c, load_row16(table, dtype, dim, ids[r], d, lanes), acc[r]);
     }
-    out[0] = _mm512_reduce_add_ps(sum0) * inv_norm[ids[0]];
-    out[1] = _mm512_reduce_add_ps(sum1) * inv_norm[ids[1]];
-    out[2] = _mm512_reduce_add_ps(sum2) * inv_norm[ids[2]];
-    out[3] = _mm512_reduce_add_ps(sum3) * inv_norm[ids[3]];
+    reduce8(acc, out);
+    for (int r = 0; r < 8; r++) out[r] *= inv_norm[ids[r]];
 }
 
-/* The k largest of the distinct keys offered, unordered; `low` is the smallest of them once
- * there are k (INT64_MIN before), at index `low_at`. Sorting as they come in cost more than the
- * exact scores themselves: random keys, mispredicted compares. */
-typedef struct {
-    int64_t *keys;
-    int64_t count, k, low, low_at;
-} TopK;
-
-static void find_low(TopK *top) {
-    __m512i low = _mm512_set1_epi64(INT64_MAX);
-    for (int64_t j = 0; j < top->count; j += 8) {
-        const __mmask8 lanes = j + 8 <= top->count ? 0xFF : (__mmask8)((1u << (top->count - j)) - 1);
-        low = _mm512_mask_min_epi64(low, lanes, low, _mm512_maskz_loadu_epi64(lanes, top->keys + j));
-    }
-    top->low = _mm512_reduce_min_epi64(low);
-    top->low_at = 0;
-    while (top->keys[top->low_at] != top->low) top->low_at++;
-}
-
-static inline void offer(TopK *top, int64_t key) {
-    if (top->count < top->k) {
-        top->keys[top->count++] = key;
-        if (top->count == top->k) find_low(top);
-    } else if (key > top->low) {
-        top->keys[top->low_at] = key;
-        find_low(top);
+static void exact_scores8(const void *table, int dtype, int64_t dim, const float *inv_norm, const float *cand,
+                          const int64_t ids[8], float out[8]) {
+    switch (dtype) {
+    case 0: exact_scores8_of(table, 0, dim, inv_norm, cand, ids, out); break;
+    case 1: exact_scores8_of(table, 1, dim, inv_norm, cand, ids, out); break;
+    case 2: exact_scores8_of(table, 2, dim, inv_norm, cand, ids, out); break;
+    default: exact_scores8_of(table, 3, dim, inv_norm, cand, ids, out); break;
     }
 }
 
@@ -1045,76 +1045,94 @@ static void write_top(const int64_t *sorted, int64_t count, int64_t k, float *sc
 }
 
 /* The survivors of one (user, candidate) pair, ready for the exact re-scoring: those inside the
- * user's length with a non-zero id, their screened scores, positions and ids; first the `firsts`
- * best screened (k of them, more where scores tie at the cut; in no order), then the rest, best
- * screened first. `cut`: the lowest screened score among the firsts (-inf when all are firsts). */
+ * user's length with a non-zero id, their screened scores, positions and ids, in slot order;
+ * `cut`: the k-th best screened score (-inf when there are at most k), so that the "firsts", the
+ * k best screened (more where scores tie at the cut), are those at or above it. */
 typedef struct {
     float *screened;
     int32_t *position;
     int64_t *id;
-    int64_t n, firsts;
+    int64_t n;
     float cut;
 } Survivors;
 
-static int descending_keys(const void *a, const void *b) {
-    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x < y) - (x > y);
-}
-
-/* keys: scratch of 2 m + 8. The k best are found by a cut on counts (`find_cut`) and left unordered,
- * since the first round scores them all; only the rest, where the second round stops at the first
- * that cannot reach the k-th, is sorted: by a count per key of the keys above it where there are
- * few (no data-dependent branch), by qsort where a regrown screen kept thousands. (Sorting every
- * survivor by the count was ~1K of the ~7K cycles a pair with 1,000 behaviours.) */
+/* 8 slots at a time, without a branch per slot: positions checked against the length, ids
+ * gathered and checked, the eligible slots compressed in registers and stored whole (the lists
+ * have room for 8 entries past m). No order is needed: the re-scoring takes the firsts, then
+ * whatever else can still reach the k-th exact score (sorting the rest by screened score, to stop
+ * at the first that cannot, cost ~1.4K of a pair's ~7K cycles with 1,000 behaviours). */
 static void list_survivors(Survivors *list, const float *screened, const int64_t *pos, int64_t m, int64_t length,
-                           const int64_t *ids, int64_t k, int64_t *keys) {
-    float *values = list->screened;  /* the eligible scores, in slot order, until they are listed */
+                           const int64_t *ids, int64_t k) {
     int64_t n = 0;
-    /* 8 slots at a time, without a branch per slot (the re-scoring of 100 users of 1,000 rows
-     * 3-6% faster): positions checked against the length, ids gathered and checked, the
-     * eligible slots' scores and indices compressed in registers and stored whole (the lists
-     * have room past m for the lanes beyond the eligible ones) */
     const __m512i limit = _mm512_set1_epi64(length), zero = _mm512_setzero_si512();
-    const __m512i eight = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t j = 0; j < m; j += 8) {
         const __mmask8 lanes = j + 8 <= m ? 0xFF : (__mmask8)((1u << (m - j)) - 1);
         const __m512i p = _mm512_maskz_loadu_epi64(lanes, pos + j);
         __mmask8 take = _mm512_mask_cmpge_epi64_mask(lanes, p, zero) & _mm512_mask_cmplt_epi64_mask(lanes, p, limit);
-        take = _mm512_mask_cmpneq_epi64_mask(take, _mm512_mask_i64gather_epi64(zero, take, p, ids, 8), zero);
-        _mm256_storeu_ps(values + n, _mm256_maskz_compress_ps(take, _mm256_maskz_loadu_ps(lanes, screened + j)));
-        _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi64(take, _mm512_add_epi64(eight, _mm512_set1_epi64(j))));
+        const __m512i id = _mm512_mask_i64gather_epi64(zero, take, p, ids, 8);
+        take = _mm512_mask_cmpneq_epi64_mask(take, id, zero);
+        _mm256_storeu_ps(list->screened + n, _mm256_maskz_compress_ps(take, _mm256_maskz_loadu_ps(lanes, screened + j)));
+        _mm256_storeu_si256((__m256i *)(list->position + n), _mm512_cvtepi64_epi32(_mm512_maskz_compress_epi64(take, p)));
+        _mm512_storeu_si512(list->id + n, _mm512_maskz_compress_epi64(take, id));
         n += __builtin_popcount(take);
     }
-    const float cut = n > k ? key_value(find_cut(values, n, k, 0)) : -INFINITY;
-    int64_t firsts = 0, rest = 0;
-    int64_t *rest_keys = keys + m;
-    for (int64_t i = 0; i < n; i++) {  /* in place (firsts <= i) and without a branch on the data */
-        const int64_t j = keys[i];
-        const float a = values[i];
-        const int take = a >= cut;
-        list->screened[firsts] = a;
-        list->position[firsts] = (int32_t)pos[j];
-        list->id[firsts] = ids[pos[j]];
-        firsts += take;
-        rest_keys[rest] = (int64_t)order_key(a) * 4294967296LL + j;
-        rest += !take;
-    }
-    int64_t *sorted = keys;  /* the slots are read: their room takes the sorted rest */
-    if (rest <= 256) {
-        sort_descending(rest_keys, rest, sorted);
-    } else {
-        memcpy(sorted, rest_keys, (size_t)rest * sizeof(int64_t));
-        qsort(sorted, (size_t)rest, sizeof(int64_t), descending_keys);
-    }
-    for (int64_t r = 0; r < rest; r++) {
-        const int64_t j = sorted[r] & 0xFFFFFFFFLL;
-        list->screened[firsts + r] = screened[j];
-        list->position[firsts + r] = (int32_t)pos[j];
-        list->id[firsts + r] = ids[pos[j]];
-    }
     list->n = n;
-    list->firsts = firsts;
-    list->cut = cut;
+    list->cut = n > k ? key_value(find_cut(list->screened, n, k, 0)) : -INFINITY;
+}
+
+/* The survivors of `list` to score in one round, compressed into ids[0, n) and at[0, n) (8 more
+ * slots of room), n returned; 8 entries at a time, without a branch per entry (their order in
+ * the list is random, so a branch per entry was mispredicted about every other time): round 0,
+ * the firsts (screened at least the cut); round 1, the others whose screened score a can still
+ * reach `floor` (a + eps_abs + eps_rel |a| >= floor, in double). Either way only rows with a
+ * non-zero reciprocal norm. */
+static int64_t round_entries(const Survivors *list, int round, double floor, double eps_abs, double eps_rel,
+                             const float *inv_norm, int64_t *ids, int32_t *at) {
+    const __m512 cut = _mm512_set1_ps(list->cut);
+    const __m512d bar = _mm512_set1_pd(floor), abs_eps = _mm512_set1_pd(eps_abs), rel_eps = _mm512_set1_pd(eps_rel);
+    int64_t n = 0;
+    for (int64_t j = 0; j < list->n; j += 8) {
+        const __mmask8 lanes = j + 8 <= list->n ? 0xFF : (__mmask8)((1u << (list->n - j)) - 1);
+        const __m256 a = _mm256_maskz_loadu_ps(lanes, list->screened + j);
+        const __mmask8 first = _mm512_mask_cmp_ps_mask((__mmask16)lanes, _mm512_castps256_ps512(a), cut, _CMP_GE_OQ);
+        __mmask8 take;
+        if (round == 0) {
+            take = first;
+        } else {
+            const __m512d wide = _mm512_cvtps_pd(a);
+            const __m512d reach = _mm512_add_pd(_mm512_add_pd(wide, abs_eps), _mm512_mul_pd(rel_eps, _mm512_abs_pd(wide)));
+            take = lanes & ~first & _mm512_cmp_pd_mask(reach, bar, _CMP_GE_OQ);
+        }
+        const __m512i id = _mm512_maskz_loadu_epi64(lanes, list->id + j);
+        const __m256 inv = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), take, id, inv_norm, 4);
+        take &= _mm256_cmp_ps_mask(inv, _mm256_setzero_ps(), _CMP_GT_OQ);
+        _mm512_storeu_si512(ids + n, _mm512_maskz_compress_epi64(take, id));
+        _mm256_storeu_si256((__m256i *)(at + n),
+                            _mm256_maskz_compress_epi32(take, _mm256_maskz_loadu_epi32(lanes, list->position + j)));
+        n += __builtin_popcount(take);
+    }
+    return n;
+}
+
+/* The exact scores of one pair's survivors, as they are found: scores and keys (order key of the
+ * score << 32 | position) of the same entries. */
+typedef struct {
+    float *score;
+    int64_t *key;
+    int64_t n;
+} Scored;
+
+/* Scores `got` (1..8) survivors ids[0, got) at positions at[0, got) exactly and appends them. */
+static inline void score_batch(const void *table, int dtype, int64_t dim, const float *inv_norm, const float *cand,
+                               const int64_t *ids, const int32_t *at, int got, Scored *out) {
+    int64_t eight[8];
+    for (int q = 0; q < 8; q++) eight[q] = ids[q < got ? q : 0];  /* copies of the first: read, not kept */
+    float scores[8];
+    exact_scores8(table, dtype, dim, inv_norm, cand, eight, scores);
+    for (int q = 0; q < got; q++) {
+        out->score[out->n] = scores[q];
+        out->key[out->n++] = (int64_t)order_key(scores[q]) * 4294967296LL + at[q];
+    }
 }
 
 /* A history of up to this many bytes of rows, re-scored for at least as many survivors as it has
@@ -1142,6 +1160,24 @@ static void warm_history(const void *table, int64_t row_bytes, const float *inv_
     (void)sink;
 }
 
+static int descending_keys(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* Up to 8 of the next pair's likely rows (screened at least `from`), from entry *at on: their
+ * lines are requested while this pair's rows are scored. */
+static inline void prefetch_likely(const void *table, int64_t row_bytes, const float *inv_norm, const Survivors *next,
+                                   double from, int64_t *at) {
+    for (int asked = 0; *at < next->n && asked < 8; (*at)++) {
+        if (next->screened[*at] < from) continue;
+        const char *row = (const char *)table + next->id[*at] * row_bytes;
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+        _mm_prefetch((const char *)(inv_norm + next->id[*at]), _MM_HINT_T0);
+        asked++;
+    }
+}
+
 /* Exact top-k of each (user, candidate) among its survivors, re-scoring only those that can be in it.
  *
  * positions [n_users, n_cands, m] (-1 = unused) index the users' histories [n_users, hist_stride],
@@ -1150,11 +1186,15 @@ static void warm_history(const void *table, int64_t row_bytes, const float *inv_
  * screened at most this (-inf: none was). A survivor is eligible when inside the user's length,
  * its id is not 0 and its row is not zero.
  *
- * In two rounds (`list_survivors`): the k best screened are scored exactly (`exact_score`, the
- * table's own values as float32) and their k-th exact score is a lower bound of the final k-th;
- * then the others, best screened first, while their screened score plus its error reaches that
- * bound (it only rises): the first that does not ends the pair. On random rows that reads
- * ~60 rows per pair, random rows of the table.
+ * In two rounds (`list_survivors`): the k best screened (the firsts) are scored exactly
+ * (`exact_scores8`, the table's own values as float32, eight rows at a time) and their k-th exact
+ * score is a lower bound of the final k-th; then every other survivor whose screened score plus
+ * its error reaches that bound. On random rows that reads ~56-60 rows per pair, random rows of
+ * the table. The k best of those scored are found by a cut on their scores (`find_cut`) and only
+ * they are sorted. (One pair at a time, the rest sorted by screened score and scanned until the
+ * first that could not reach a bound raised by every better score, each offered to a running
+ * top-k: 6.9K cycles a pair at L = 1,000, C = 1,000, 1.4K of them listing and sorting the rest,
+ * 4.2K scoring 56 rows four at a time, 1.4K the final sort.)
  * Ranked by the key (order-preserving int32 of the score) << 32 | position, the order of
  * kernels/_keys.py: highest score first, ties toward the more recent behaviour.
  *
@@ -1177,18 +1217,18 @@ int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const f
     int64_t unproven = 0;
 #pragma omp parallel num_threads((int)n_threads) reduction(+ : unproven)
     {
-        int64_t *top = malloc((size_t)2 * k * sizeof(int64_t));  /* the top k, then sorted */
         /* two lists (this pair's and the next one's) of m entries and 8 more: list_survivors
-         * stores 8 lanes past its last entry */
+         * stores 8 lanes past its last entry; a pair's exact scores and keys, its k best, sorted */
         const int64_t room = m + 8;
-        float *floats = malloc((size_t)2 * room * sizeof(float));
-        int32_t *ints = malloc((size_t)2 * room * sizeof(int32_t));
-        int64_t *ids = malloc((size_t)2 * room * sizeof(int64_t));
-        int64_t *keys = malloc((size_t)(2 * m + 8) * sizeof(int64_t));
-        if (!top || !floats || !ints || !ids || !keys) {
+        float *floats = malloc((size_t)3 * room * sizeof(float));
+        int32_t *ints = malloc((size_t)3 * room * sizeof(int32_t));
+        int64_t *longs = malloc((size_t)6 * room * sizeof(int64_t));
+        if (!floats || !ints || !longs) {
             __atomic_store_n(&status, -1, __ATOMIC_RELAXED);
         } else {
-            Survivors lists[2] = {{floats, ints, ids, 0}, {floats + room, ints + room, ids + room, 0}};
+            Survivors lists[2] = {{floats, ints, longs, 0, 0.0f}, {floats + room, ints + room, longs + room, 0, 0.0f}};
+            int64_t *best = longs + 3 * room, *sorted = longs + 4 * room, *chosen = longs + 5 * room;
+            int32_t *chosen_at = ints + 2 * room;  /* a round's survivors to score */
             int64_t listed = -1;  /* the pair whose survivors lists[listed & 1] holds */
             int64_t warmed = -1;  /* the user whose history was read whole last */
 #pragma omp for schedule(static)
@@ -1202,80 +1242,62 @@ int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const f
                 const int next_warm = bc + 1 < pairs && read_whole(lengths[(bc + 1) / n_cands], row_bytes, n_cands, k);
                 if (listed != bc)
                     list_survivors(&lists[bc & 1], screened + bc * m, positions + bc * m, m, lengths[user],
-                                   history + user * hist_stride, k, keys);
+                                   history + user * hist_stride, k);
                 const Survivors *list = &lists[bc & 1];
-                /* list the next pair now: its rows are prefetched, one per survivor visited here */
+                /* list the next pair now: its rows are prefetched while this one's are scored */
                 Survivors *next = &lists[(bc + 1) & 1];
                 double next_from = INFINITY;
                 int64_t next_at = 0;
                 if (bc + 1 < pairs) {
                     const int64_t next_user = (bc + 1) / n_cands;
                     list_survivors(next, screened + (bc + 1) * m, positions + (bc + 1) * m, m, lengths[next_user],
-                                   history + next_user * hist_stride, k, keys);
+                                   history + next_user * hist_stride, k);
                     const double kth = next->cut;  /* -inf: every survivor is a first, all read */
-                    next_from = kth == -INFINITY ? -INFINITY : kth - 2 * (eps_abs + eps_rel * fabs(kth));
+                    next_from = next_warm ? INFINITY : kth == -INFINITY ? -INFINITY : kth - 2 * (eps_abs + eps_rel * fabs(kth));
                     listed = bc + 1;
                 }
                 const float *cand = cands + bc * dim;
-                TopK best = {top, 0, k, INT64_MIN, 0};
-                double floor = -INFINITY;  /* lower bound of the final k-th score, once round 0 is done */
-                /* round 0: the k best screened; round 1: the rest, while they can still reach the
-                 * k-th. Eligible survivors are scored four at a time, in list order; in round 1 each
-                 * is checked against the bar before it joins a four (a four may then score a row
-                 * the bar would have stopped at after its first rows were offered: harmless) */
-                const int64_t firsts = list->firsts;
-                int64_t j = 0;
+                Scored done = {floats + 2 * room, longs + 2 * room, 0};
+                double floor = -INFINITY;  /* the k-th exact score of the firsts, once they are scored */
                 for (int round = 0; round < 2; round++) {
-                    const int64_t end = round == 0 ? firsts : list->n;
-                    int stopped = 0;
-                    while (j < end && !stopped) {
-                        int64_t at[4], ids4[4];
-                        int got = 0;
-                        for (; j < end && got < 4; j++) {
-                            /* the next pair's likely rows (a prefix: sorted too), one per survivor visited */
-                            if (!next_warm && next_at < next->n && next->screened[next_at] >= next_from) {
-                                const char *row = (const char *)table + next->id[next_at] * row_bytes;
-                                for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
-                                _mm_prefetch((const char *)(inv_norm + next->id[next_at]), _MM_HINT_T0);
-                                next_at++;
-                            }
-                            const float a = list->screened[j];
-                            if (round == 1 && (double)a + eps_abs + eps_rel * fabs((double)a) < floor) {
-                                stopped = 1;
-                                break;
-                            }
-                            const int64_t id = list->id[j];
-                            if (!(inv_norm[id] > 0)) continue;
-                            at[got] = j;
-                            ids4[got++] = id;
-                        }
-                        if (!got) continue;
-                        for (int q = got; q < 4; q++) ids4[q] = ids4[0];  /* a copy: read, not offered */
-                        float scores4[4];
-                        exact_scores4(table, (int)dtype, dim, inv_norm, cand, ids4, scores4);
-                        for (int q = 0; q < got; q++) {
-                            offer(&best, (int64_t)order_key(scores4[q]) * 4294967296LL + list->position[at[q]]);
-                            /* the k-th so far only rises: a tighter bar for the rest of round 1 */
-                            if (round == 1 && best.count == k) floor = key_value((int32_t)(best.low >> 32));
-                        }
+                    const int64_t n = round_entries(list, round, floor, eps_abs, eps_rel, inv_norm, chosen, chosen_at);
+                    for (int64_t j = 0; j < n; j += 8) {
+                        prefetch_likely(table, row_bytes, inv_norm, next, next_from, &next_at);
+                        score_batch(table, (int)dtype, dim, inv_norm, cand, chosen + j, chosen_at + j,
+                                    n - j < 8 ? (int)(n - j) : 8, &done);
                     }
-                    if (round == 0 && best.count == k) floor = key_value((int32_t)(best.low >> 32));
+                    if (round == 0 && done.n >= k) floor = lowest_from(done.score, done.n, find_cut(done.score, done.n, k, 0));
                 }
-                const int64_t count = best.count;
-                const float kth = count == k ? key_value((int32_t)(best.low >> 32)) : -INFINITY;
-                int64_t *sorted = top + k;
-                sort_descending(top, count, sorted);
+                /* the k best (more where scores tie at the k-th), then sorted; a few more than k
+                 * are sorted whole, cheaper than the cut */
+                int64_t count = done.n;
+                const int64_t *top = done.key;
+                if (count > 2 * k) {
+                    const int32_t t = find_cut(done.score, count, k, 0);
+                    int64_t c = 0;
+                    for (int64_t i = 0; i < count; i++) {  /* without a branch on the data */
+                        best[c] = done.key[i];
+                        c += order_key(done.score[i]) >= t;
+                    }
+                    top = best;
+                    count = c;
+                }
+                if (count <= 256) {
+                    sort_descending(top, count, sorted);
+                } else {  /* thousands tied at the k-th (copies of one item): the count sort is quadratic */
+                    memcpy(sorted, top, (size_t)count * sizeof(int64_t));
+                    qsort(sorted, (size_t)count, sizeof(int64_t), descending_keys);
+                }
+                const float kth = count >= k ? key_value((int32_t)(sorted[k - 1] >> 32)) : -INFINITY;
                 const double b = bound[bc];
                 out_proven[bc] = b == -INFINITY || b + eps_abs + eps_rel * fabs(b) < (double)kth;
                 unproven += !out_proven[bc];
                 write_top(sorted, count, k, out_scores + bc * k, out_positions + bc * k);
             }
         }
-        free(top);
         free(floats);
         free(ints);
-        free(ids);
-        free(keys);
+        free(longs);
     }
     return status < 0 ? -1 : unproven;
 }

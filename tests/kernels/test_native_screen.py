@@ -347,6 +347,30 @@ def test_rescore_topk_with_many_survivors_sorts_them_all():
 
 
 @needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_copies_of_an_item_tie_exactly_whichever_slot_scores_them(dtype):
+    # 300 copies of one item among 400 survivors, in every slot of the eight-row batches: their
+    # exact scores must be the same bits (else ties break by rounding, not recency), and 300 tied
+    # at the k-th are more than the count sort takes: the 10 most recent copies come first.
+    gen = torch.Generator().manual_seed(8)
+    table = torch.nn.functional.normalize(torch.randn(50, 128, generator=gen), dim=1).to(dtype)
+    table[0] = 0
+    inv_norm = 1 / table.double().norm(dim=1).clamp_min(1e-30)
+    inv_norm[0] = 0
+    history = torch.randint(8, 50, (1, 400), generator=gen)
+    copies = torch.randperm(400, generator=gen)[:300].sort().values
+    history[0, copies] = 7
+    unit_cands = torch.nn.functional.normalize(table[7:8].float() + 0.3 * torch.randn(1, 128, generator=gen), dim=1)
+    positions = torch.randperm(400, generator=gen).view(1, 1, 400)
+    screened = torch.einsum("d,md->m", unit_cands[0], table.float()[history[0, positions[0, 0]]]).view(1, 1, 400)
+    scores, top, proven, _ = native.rescore_topk(table, inv_norm.float(), unit_cands.unsqueeze(0), history,
+                                                 torch.tensor([400]), screened, positions,
+                                                 torch.full((1, 1), float("-inf")), 10, (1e-3, 0.0))
+    assert top[0, 0].tolist() == copies.flip(0)[:10].tolist()
+    assert len(set(scores[0, 0].tolist())) == 1 and bool(proven[0, 0])
+
+
+@needs_amx
 def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_the_kth():
     gen = torch.Generator().manual_seed(3)
     table = torch.nn.functional.normalize(torch.randn(200, 32, generator=gen), dim=1)
