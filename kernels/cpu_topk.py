@@ -121,11 +121,15 @@ NATIVE_REGROW_MAX_KEEP = 16_384
 # of 20 on random rows: 1,000 rows a candidate 0.85-0.99 (L = 100K, C = 100, B = 1 and 4;
 # L = 10K, C = 10), 1,428 0.85, 500 1.06-1.08; but at L = 100K, C = 100 on clustered catalogues
 # (benchmarks/gsu.py --catalogue) 3.8 against 3.3 ms (clusters) and 12.9 against 8.7 ms (near
-# duplicates, where the int8 window holds thousands of behaviours): the threshold stays above it.
+# duplicates, where the int8 window holds thousands of behaviours). Since the re-scoring takes
+# many survivors cheaply (eight rows at a time, no sort of the rest), at 1,000 rows a candidate
+# (7 rounds of best-of-15 calls, int8 / bf16): B = 1, L = 100K, C = 100 0.96 / 0.93 / 1.10
+# (random / clusters / near duplicates), B = 4 0.83 / 0.84 / 0.97, B = 1 and 10, L = 10K, C = 10
+# 0.73-0.81; at 800 rows B = 1 1.00-1.07, at 625 1.03-1.34: the threshold is 1,000.
 USE_INT8 = True
 INT8_TWO_PARTS = True
 INT8_MIN_LENGTH = 512
-INT8_MIN_ROWS_PER_CANDIDATE = 1_280
+INT8_MIN_ROWS_PER_CANDIDATE = 1_000
 INT8_KEEP_FACTOR = 3
 # Prepared tables, most recently used last: [weakref to the table, its version, its _TablePrep].
 # Two, so that a service reloading its model (a new table next to the old one, both in use for a
