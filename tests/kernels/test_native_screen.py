@@ -95,11 +95,12 @@ def check_screen(screen, unit_cands, history, lengths, keep, threads, k=None, wi
 @needs_amx
 @copies
 @pytest.mark.parametrize("dim", [128, 24, 40, 25])
-@pytest.mark.parametrize("n_cands", [1, 17, 40])
+@pytest.mark.parametrize("n_cands", [1, 17, 40, 150])
 @pytest.mark.parametrize("threads", [1, 4])
 def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, copy, monkeypatch):
     # Users split into pieces (threads > users) are merged; dims and candidate counts that are
     # not multiples of the tile sizes are padded; ids 0, zero rows and lengths shorter than the row.
+    # 150 candidates: 10 candidate tiles, five units of two.
     monkeypatch.setattr(native, "MIN_SPLIT_ROWS", 64)
     screen = unit_table(500, dim, seed=dim)
     gen = torch.Generator().manual_seed(n_cands)
@@ -113,7 +114,7 @@ def test_survivors_and_bound_match_a_float64_evaluation(dim, n_cands, threads, c
 
 @needs_amx
 @copies
-@pytest.mark.parametrize("n_cands", [17, 40, 100])
+@pytest.mark.parametrize("n_cands", [17, 40, 100, 300])
 @pytest.mark.parametrize("min_split_rows", [16_384, 300])
 @pytest.mark.parametrize("window", [float("inf"), 0.05])
 def test_one_user_split_by_candidates_and_rows(n_cands, min_split_rows, window, copy, monkeypatch):
