@@ -17,6 +17,7 @@ for reference). The bound is the larger of the memory time and the fp32 compute 
     python benchmarks/gsu_gpu.py                      # the full grid (needs CUDA)
     python benchmarks/gsu_gpu.py --block-c 32 --block-l 256
     python benchmarks/gsu_gpu.py --splits 1                 # one program per history (no ranges)
+    python benchmarks/gsu_gpu.py --sweep-splits 1 8 32 128  # also time these ranges, side by side
     TRITON_INTERPRET=1 python benchmarks/gsu_gpu.py --smoke   # a tiny config on the CPU interpreter
 
 --smoke runs one tiny config on whatever device there is (the interpreter where there is no GPU),
@@ -87,7 +88,7 @@ def gpu_limits(device: torch.device, repeats: int) -> dict[str, float]:
 
 
 def run_config(table, candidates, history, lengths, k, repeats, device, limits, block_c, block_l, splits,
-               skip_reference):
+               skip_reference, sweep=()):
     from kernels.triton.cosine_topk import cosine_topk_triton, launch_splits
 
     users, length = history.shape
@@ -98,6 +99,16 @@ def run_config(table, candidates, history, lengths, k, repeats, device, limits, 
     ranges = launch_splits(table, users, n_cands, length, k, block_c=block_c, block_l=block_l, splits=splits)
     row = {"L": length, "C": n_cands, "B": users, "splits": ranges, "triton_s": triton_s,
            "triton_peak_mb": triton_mb}
+    if sweep:  # the same call with other history ranges, keyed by the ranges each launches
+        row["sweep_s"] = {}
+        for other in sweep:
+            launched = launch_splits(table, users, n_cands, length, k, block_c=block_c, block_l=block_l, splits=other)
+            seconds, _, (_, swept) = timed(
+                lambda: cosine_topk_triton(table, candidates, history, lengths, k, block_c=block_c, block_l=block_l,
+                                           splits=other), device, repeats)
+            if not torch.equal(swept, positions):
+                raise AssertionError(f"L={length} C={n_cands}: {launched} ranges gave other positions than {ranges}")
+            row["sweep_s"][str(launched)] = seconds
     if not skip_reference:
         reference_s, reference_mb, (_, expected) = timed(
             lambda: cosine_topk_reference(table, candidates, history, lengths, k), device, repeats)
@@ -127,6 +138,8 @@ def main() -> int:
     parser.add_argument("--block-l", type=int, default=128, help="history rows per tile (the kernel's BLOCK_L)")
     parser.add_argument("--splits", type=int, default=None,
                         help="history ranges per user (default: the kernel's choice for this GPU's SMs)")
+    parser.add_argument("--sweep-splits", type=int, nargs="+", default=[],
+                        help="also time each config with these history ranges (side by side, same positions checked)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-reference-scores", type=float, default=2e9,
                         help="skip the reference where B*C*L exceeds this (its [B, C, L] scores)")
@@ -136,6 +149,7 @@ def main() -> int:
         args.items, args.dim, args.k, args.lengths, args.candidates = 200, 16, 4, [40], [3]
         args.behaviours, args.block_c, args.block_l, args.repeats = 80, 16, 16, 1
         args.splits = args.splits or 2  # the ranges and their merge too
+        args.sweep_splits = args.sweep_splits or [1]
     elif not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run with --smoke (under TRITON_INTERPRET=1) to check the script"}))
         return 1
@@ -151,7 +165,7 @@ def main() -> int:
             table, candidates, history, lens = (t.to(device) for t in (table.half(), candidates, history, lens))
             rows.append(run_config(table, candidates, history, lens, args.k, args.repeats, device, limits,
                                    args.block_c, args.block_l, args.splits,
-                                   users * n_cands * length > args.max_reference_scores))
+                                   users * n_cands * length > args.max_reference_scores, args.sweep_splits))
     result = {
         "benchmark": "gsu.cosine_topk on GPU (Triton)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET)",
@@ -169,6 +183,10 @@ def main() -> int:
               f"{r.get('speedup_vs_reference', float('nan')):>7.1f} {r.get('limit_s', float('nan')) * 1e3:>9.3f} "
               f"{r.get('triton_over_limit', float('nan')):>7.1f} {r.get('binding_limit', '-'):>8} "
               f"{r.get('positions_equal_reference', float('nan')):>9.4f}")
+    for r in rows:
+        if r.get("sweep_s"):
+            swept = ", ".join(f"S={ranges}: {seconds * 1e3:.3f} ms" for ranges, seconds in r["sweep_s"].items())
+            print(f"L={r['L']:,} C={r['C']:,}: S={r['splits']}: {r['triton_s'] * 1e3:.3f} ms; {swept}")
     return 0
 
 

@@ -23,5 +23,6 @@ def test_the_gpu_benchmark_runs_its_smoke_config_and_matches_the_reference(tmp_p
     result = json.loads(out.read_text())
     (row,) = result["results"]
     assert (row["L"], row["C"], row["splits"]) == (40, 3, 2)  # two history ranges, merged
+    assert list(row["sweep_s"]) == ["1"] and row["sweep_s"]["1"] > 0  # and one, side by side
     assert row["positions_equal_reference"] == 1.0
     assert row["triton_s"] > 0 and row["flops"] == 2.0 * row["B"] * 3 * 40 * 16
