@@ -85,7 +85,10 @@ SCREEN_SCORE_BUDGET = 1 << 25
 # (its per-length choices: the int8 copy, the sampled start). One call for many users instead of
 # one per user, as the row budget gave (65,536 rows): at B = 256, C = 1 (a training batch) L =
 # 100K 392 -> 344 ms, L = 10K 36 -> 30 ms with lengths from 5K to 10K; B = 64, L = 10K 9.2 -> 7.8.
+# Users not already longest first are gathered into a block's own copy of their histories: at most
+# FUSED_GATHER_BUDGET ids (128 MB; 167 users of 100K behaviours) a block.
 FUSED_KEPT_BUDGET = 1 << 23
+FUSED_GATHER_BUDGET = 1 << 24
 # Below this many candidates the matmul is cheap next to gathering and selecting: no screen.
 BF16_MIN_CANDIDATES = 8
 # A history no longer than this many survivors is scored exactly: re-scoring would cost as much.
@@ -275,8 +278,10 @@ def cosine_topk_cpu(
             cols -= cols % 1024
         if screened and screener.fused:
             kept = keep * (INT8_KEEP_FACTOR if screener.int8 and _int8_pays(block_len, n_cands) else 1)
-            users = _fused_block_users(sorted_lengths, start, max(block_len // 2, min_screened),
-                                       FUSED_KEPT_BUDGET // (n_cands * kept))
+            most = FUSED_KEPT_BUDGET // (n_cands * kept)
+            if not in_order:
+                most = min(most, FUSED_GATHER_BUDGET // block_len)
+            users = _fused_block_users(sorted_lengths, start, max(block_len // 2, min_screened), most)
         else:
             users = max(1, min(batch - start, score_budget // (n_cands * cols), ROW_BUDGET // (dim * cols)))
         plans.append((slice(start, start + users) if in_order else order[start : start + users], block_len, cols, screened))

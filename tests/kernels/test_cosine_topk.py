@@ -215,6 +215,20 @@ def test_the_fused_screen_takes_a_batch_of_similar_users_in_one_call(monkeypatch
     monkeypatch.setattr(cpu_topk, "FUSED_KEPT_BUDGET", 2 * 2 * kept)  # at most two users a block
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
     assert len(calls) == 3  # 300, 290 | 260, 200 | 151, 140
+
+
+def test_users_out_of_order_are_gathered_into_fused_blocks_within_a_budget(monkeypatch, screen_kind, force_screen):
+    if screen_kind == "torch-screen":
+        pytest.skip("the block plan of the fused screen")
+    table = make_table(400, 16)
+    candidates, history, lengths = random_batch(400, 6, 300, 2, [200, 300, 151, 290, 140, 260], pad_prob=0.05)
+    ref = cosine_topk_reference(table, candidates, history, lengths, 5)
+    calls = count_calls(monkeypatch, "screen_topk", owner=native)
+    monkeypatch.setattr(cpu_topk, "FUSED_GATHER_BUDGET", 2 * 300)  # two users' histories a block
+    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
+    assert len(calls) == 3  # longest first: 300, 290 | 260, 200 | 151, 140
+    assert torch.equal(fast[1], ref[1])
+    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
     assert torch.equal(fast[1], ref[1])
 
 
