@@ -199,37 +199,39 @@ def test_fused_blocks_take_users_down_to_a_floor_within_a_budget():
     assert cpu_topk._fused_block_users(lengths, 4, 60, 0) == 1  # always one
 
 
-def test_the_fused_screen_takes_a_batch_of_similar_users_in_one_call(monkeypatch, screen_kind, force_screen):
+def fused_block_calls(monkeypatch, screen_kind, lengths):
+    """A runner for 6 users of the given lengths (2 candidates, k = 5): each run checks the result
+    against the reference and returns how many fused screens it took."""
     if screen_kind == "torch-screen":
         pytest.skip("the block plan of the fused screen")
     table = make_table(400, 16)
-    candidates, history, lengths = random_batch(400, 6, 300, 2, [300, 290, 260, 200, 151, 140], pad_prob=0.05)
+    candidates, history, lengths = random_batch(400, 6, 300, 2, lengths, pad_prob=0.05)
     ref = cosine_topk_reference(table, candidates, history, lengths, 5)
     calls = count_calls(monkeypatch, "screen_topk", owner=native)
-    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
-    assert len(calls) == 2  # users down to half the longest (151 > 150), then the last one
-    assert torch.equal(fast[1], ref[1])
-    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
-    calls.clear()
+
+    def run() -> int:
+        calls.clear()
+        fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
+        assert torch.equal(fast[1], ref[1])
+        torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
+        return len(calls)
+
+    return run
+
+
+def test_the_fused_screen_takes_a_batch_of_similar_users_in_one_call(monkeypatch, screen_kind, force_screen):
+    run = fused_block_calls(monkeypatch, screen_kind, [300, 290, 260, 200, 151, 140])
+    assert run() == 2  # users down to half the longest (151 > 150), then the last one
     kept = 15 * (cpu_topk.INT8_KEEP_FACTOR if screen_kind == "int8-screen" else 1)  # k + 2k, x3 from int8
     monkeypatch.setattr(cpu_topk, "FUSED_KEPT_BUDGET", 2 * 2 * kept)  # at most two users a block
-    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
-    assert len(calls) == 3  # 300, 290 | 260, 200 | 151, 140
+    assert run() == 3  # 300, 290 | 260, 200 | 151, 140
 
 
 def test_users_out_of_order_are_gathered_into_fused_blocks_within_a_budget(monkeypatch, screen_kind, force_screen):
-    if screen_kind == "torch-screen":
-        pytest.skip("the block plan of the fused screen")
-    table = make_table(400, 16)
-    candidates, history, lengths = random_batch(400, 6, 300, 2, [200, 300, 151, 290, 140, 260], pad_prob=0.05)
-    ref = cosine_topk_reference(table, candidates, history, lengths, 5)
-    calls = count_calls(monkeypatch, "screen_topk", owner=native)
+    run = fused_block_calls(monkeypatch, screen_kind, [200, 300, 151, 290, 140, 260])
+    assert run() == 2  # longest first, as above
     monkeypatch.setattr(cpu_topk, "FUSED_GATHER_BUDGET", 2 * 300)  # two users' histories a block
-    fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 5)
-    assert len(calls) == 3  # longest first: 300, 290 | 260, 200 | 151, 140
-    assert torch.equal(fast[1], ref[1])
-    torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
-    assert torch.equal(fast[1], ref[1])
+    assert run() == 3  # 300, 290 | 260, 200 | 151, 140
 
 
 def near_tie_case():
