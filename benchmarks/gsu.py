@@ -11,7 +11,8 @@ matmul and one of the screen's shape for FLOP/s)
 and reports the fast path's achieved rates against them, the peak resident memory each method adds,
 and how often the fast path returns exactly the reference's positions. The one-off cost of the
 fast path's normalised bf16 copy of the table is reported apart (`table_copy_once_s`), and so is
-its int8 copy's where the fast path screens from it (`int8_copy_once_s`).
+its int8 copy's where the fast path screens from it (`int8_copy_once_s`, with the candidates' form
+its first screens settled on: `screen_precision`, see kernels/screen_precision.py).
 
     python benchmarks/gsu.py            # L in {1e3, 1e4, 1e5} x C in {1, 100, 1000}
     python benchmarks/gsu.py --quick    # small run (a minute)
@@ -36,6 +37,7 @@ import kernels.cpu_topk as cpu_topk
 from kernels import cosine_topk, native
 from kernels.cpu_topk import _table_prep
 from kernels.scratch import scratch_bytes
+from kernels.screen_precision import LEVEL_NAMES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gsu.json"
 
@@ -186,6 +188,8 @@ def run_config(table, candidates, history, lengths, k, repeats, limits, skip_ref
     # The fast path keeps its chunk buffers between calls: they are not in the per-call peak.
     row = {"L": length, "C": n_cands, "B": users, "fast_s": fast_s, "fast_peak_mb": fast_mb,
            "fast_kept_buffers_mb": scratch_bytes() / 2**20, "table_copy_once_s": copy_s, "int8_copy_once_s": int8_copy_s}
+    if int8_copy_s is not None:  # what the fast path's first screens read after the timed calls
+        row["screen_precision"] = LEVEL_NAMES[prep.precision.level_for(n_cands)]
     baselines = {
         "torch_screen": lambda: _with_setting("USE_NATIVE", False, lambda: cosine_topk(table, candidates, history, lengths, k)),
         "torch_topk": lambda: torch_topk_baseline(table, candidates, history, lengths, k),

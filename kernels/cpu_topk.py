@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,7 @@ from kernels._keys import pack_keys, unpack_keys
 from kernels.hugepages import collapse_to_huge, empty_huge
 from kernels.int8_screen import Int8Screen, build_int8_screen, int8_screen_error, quantize_candidates
 from kernels.scratch import scratch
+from kernels.screen_precision import BF16, TWO_PARTS, ScreenPrecision, rescreen_level
 
 __all__ = ["cosine_topk_cpu", "prepare_table_cpu", "screen_error_bound"]
 
@@ -114,7 +115,7 @@ NATIVE_REGROW_MAX_KEEP = 16_384
 # Where the CPU has AMX-INT8, histories of at least INT8_MIN_LENGTH rows, with one candidate or
 # with INT8_MIN_ROWS_PER_CANDIDATE rows per candidate, are screened from the table's int8 copy
 # (kernels/int8_screen.py): half the bytes of the bf16 pass, but a window ~3x wider (candidates
-# in two parts, INT8_TWO_PARTS; ~4.5x with one), so more survivors to re-score
+# in two parts; ~4.5x in one: kernels.screen_precision learns which per table), so more survivors to re-score
 # (INT8_KEEP_FACTOR x `keep` may be kept). The pass pays where it is most of the call, with few
 # candidates (side by side, 100K rows in all, bf16 / int8 in one part / in two: L = 100K, C = 1
 # 1.54 / 0.97 / 1.01 ms, C = 32 2.07 / 1.65 / 1.50, C = 64 2.30 / 2.40 / 2.18, C = 80 2.32 /
@@ -130,7 +131,6 @@ NATIVE_REGROW_MAX_KEEP = 16_384
 # (random / clusters / near duplicates), B = 4 0.83 / 0.84 / 0.97, B = 1 and 10, L = 10K, C = 10
 # 0.73-0.81; at 800 rows B = 1 1.00-1.07, at 625 1.03-1.34: the threshold is 1,000.
 USE_INT8 = True
-INT8_TWO_PARTS = True
 INT8_MIN_LENGTH = 512
 INT8_MIN_ROWS_PER_CANDIDATE = 1_000
 INT8_KEEP_FACTOR = 3
@@ -309,7 +309,9 @@ def cosine_topk_cpu(
             result = _exact_block(table, prep, block_cands, hist, lens, k, cols)
         else:
             out = (out_scores[block], out_positions[block]) if in_place else None
-            result = screener.select(block_cands, hist, lens, k, keep, cols, out=out)
+            level, probing = screener.first_level(block_len, n_cands)
+            result = screener.select(block_cands, hist, lens, k, keep, cols, out=out, level=level)
+            screener.record(level, probing, result[2], result[3])
         if out_scores is None:
             out_scores, out_positions = result[:2]
         elif not in_place:
@@ -329,7 +331,8 @@ def cosine_topk_cpu(
             while screener.fused and len(redo) and grown * NATIVE_REGROW < min(int(user_len), NATIVE_REGROW_MAX_KEEP):
                 grown *= NATIVE_REGROW
                 s, p, done, _ = screener.select(
-                    unit_cands[user : user + 1, redo], user_hist, user_len, k, grown, cols, sampled=False
+                    unit_cands[user : user + 1, redo], user_hist, user_len, k, grown, cols, sampled=False,
+                    level=rescreen_level(level),
                 )
                 out_scores[user, redo[done[0]]], out_positions[user, redo[done[0]]] = s[0, done[0]], p[0, done[0]]
                 redo, kth = redo[~done[0]], s[0, ~done[0], k - 1]
@@ -481,6 +484,7 @@ class _TablePrep:
     screen_error: float  # max over rows of ||screen row - float32 unit row|| (0 without a screen)
     row_error: torch.Tensor | None  # float32 [N+1]: that norm per row (None without a screen)
     int8: Int8Screen | None = None  # the int8 copy, once a call has screened from it (`_int8_copy`)
+    precision: ScreenPrecision = field(default_factory=ScreenPrecision)  # which copy first screens read
 
 
 def _table_prep(table: torch.Tensor) -> _TablePrep | None:
@@ -615,19 +619,22 @@ class _Screener:
         cols: int,
         sampled: bool = True,
         out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        level: int = TWO_PARTS,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Screen, re-score and select for one block of users.
 
         Args: unit_cands [Bb, C, D] float32; history [Bb, Lb]; lengths [Bb]; sampled: let the
         fused screen start its thresholds from a sample (`native.sampled_start`; a screen again
         after a failed proof does without); out: contiguous float32 and int64 tensors [Bb, C, k]
-        to return the scores and positions in (the fused screen writes them there directly).
+        to return the scores and positions in (the fused screen writes them there directly);
+        level: the copy a fused screen reads where the int8 copy pays (`kernels.screen_precision`:
+        `first_level` for a call's first screen).
         Returns: scores float32 [Bb, C, k], positions int64 [Bb, C, k], complete BoolTensor
         [Bb, C]: True where the result is proven to be the exact top-k, and whether all are.
         """
         table = self.table
         if self.fused:
-            return self._fused(unit_cands, history, lengths, k, keep, sampled, out)
+            return self._fused(unit_cands, history, lengths, k, keep, sampled, out, level)
         absolute, relative = self.error(unit_cands, rounded=True)  # the torch screen rounds its scores to bf16
         approx, positions, bound, n_valid, trusted = self._screen(unit_cands, history, lengths, keep, cols)
         kept = approx.shape[-1]
@@ -652,17 +659,32 @@ class _Screener:
             scores, top_positions = out[0].copy_(scores), out[1].copy_(top_positions)
         return scores, top_positions, complete, bool(complete.all())
 
+    def first_level(self, length: int, n_cands: int) -> tuple[int, bool]:
+        """(level, probing) for a call's first screen of `n_cands` candidates over histories of
+        `length` rows: the table's `ScreenPrecision` where the int8 copy pays, else (BF16, False)."""
+        if self.int8 and _int8_pays(length, n_cands):
+            return self.prep.precision.choose(n_cands)
+        return BF16, False
+
+    def record(self, level: int, probing: bool, complete: torch.Tensor, all_complete: bool) -> None:
+        """Tells the table's `ScreenPrecision` what a first screen at `level` proved (`complete`
+        [Bb, C]) where that screen read the int8 copy (a bf16 screen teaches it nothing)."""
+        if level < BF16:
+            unproven = 0 if all_complete else int((~complete).sum())
+            self.prep.precision.record(level, probing, unproven, complete.shape[0], complete.shape[1])
+
     def _fused(self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int,
-               sampled: bool, into: tuple[torch.Tensor, torch.Tensor] | None = None,
+               sampled: bool, into: tuple[torch.Tensor, torch.Tensor] | None = None, level: int = TWO_PARTS,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """`select` with the fused native screen: from the int8 copy where it pays (`_int8_pays`,
-        INT8_KEEP_FACTOR x `keep` survivors at most), else from the bf16 copy. Either screen's
-        error is absolute (relative 0: float32 results)."""
+        """`select` with the fused native screen: from the int8 copy where it pays (`_int8_pays`)
+        and `level` asks for it (in one or two parts; INT8_KEEP_FACTOR x `keep` survivors at
+        most), else from the bf16 copy. Either screen's error is absolute (relative 0: float32
+        results)."""
         n_users, n_cands = unit_cands.shape[:2]
         int8_cands = None
-        if self.int8 and _int8_pays(history.shape[1], n_cands):
+        if self.int8 and level < BF16 and _int8_pays(history.shape[1], n_cands):
             int8 = _int8_copy(self.table, self.prep)
-            int8_cands = quantize_candidates(unit_cands, int8, two_parts=INT8_TWO_PARTS)
+            int8_cands = quantize_candidates(unit_cands, int8, two_parts=level == TWO_PARTS)
             absolute = int8_screen_error(self.table.shape[1], int8.row_error, int8_cands.error, int8_cands.norm)
             screen, keep = int8.rows, keep * INT8_KEEP_FACTOR
         else:
