@@ -48,6 +48,9 @@ class Int8Candidates(NamedTuple):
     norm: float  # max over candidates of ||q~||
     lo: torch.Tensor | None = None  # int8 [B, C', D'']: the lo part's codes, or None (one part)
     mark_slack: float = 0.0  # two parts: the most the lo part moves a screened score
+    # float32 [B, C]: each candidate's own screen error (`int8_screen_error` of its own rounding
+    # and norm, rounded up), at most the call's int8_screen_error(error, norm)
+    errors: torch.Tensor | None = None
 
 
 def build_int8_screen(table: torch.Tensor, inv_norm: torch.Tensor, chunk_rows: int) -> Int8Screen:
@@ -105,14 +108,17 @@ def quantize_candidates(unit_cands: torch.Tensor, screen: Int8Screen, two_parts:
     codes = scratch("int8-candidates", shape, torch.int8)
     lo = scratch("int8-candidates-lo", shape, torch.int8) if two_parts else None
     scale = scratch("int8-candidate-scales", shape[:2], torch.float32)
-    error, norm, reach = native.quantize_int8_candidates(unit_cands, screen.dim_scale, LO_STEPS, codes, lo, scale)
+    errors = scratch("int8-candidate-errors", (n_users, n_cands), torch.float32)
+    error, norm, reach = native.quantize_int8_candidates(unit_cands, screen.dim_scale, LO_STEPS, codes, lo, scale,
+                                                         error_terms(dim, screen.row_error), errors)
     # + the float rounding of both sides
     mark_slack = 1.01 * (1 + screen.row_error) * reach + 1e-6 if two_parts and unit_cands.numel() else 0.0
-    return Int8Candidates(codes, scale, error, norm, lo, mark_slack)
+    return Int8Candidates(codes, scale, error, norm, lo, mark_slack, errors)
 
 
 def int8_screen_error(dim: int, row_error: float, cand_error: float, cand_norm: float) -> float:
-    """Absolute bound of |int8-screened - exact float32 cosine|.
+    """Absolute bound of |int8-screened - exact float32 cosine| for candidates whose rounding
+    ||q~ - q|| is at most `cand_error` and ||q~|| at most `cand_norm`.
 
     x, q are the float32 unit vectors, within d = (dim + 2) 2**-24 of the true ones x*, q*:
     x~.q~ - x*.q* = (x~ - x*).q~ + x*.(q~ - q*), at most (row_error + d) cand_norm +
@@ -120,5 +126,12 @@ def int8_screen_error(dim: int, row_error: float, cand_error: float, cand_norm: 
     2**-23 relative on a score below ~1.1 (< 2**-22); the exact float32 re-scoring is within d of
     the truth. A 1% slack covers the float32 evaluation of the measured norms themselves.
     """
+    slack, row_term, constant = error_terms(dim, row_error)
+    return slack * (row_term * cand_norm + cand_error + constant)
+
+
+def error_terms(dim: int, row_error: float) -> tuple[float, float, float]:
+    """(slack, row_term, constant) of `int8_screen_error` = slack * (row_term * cand_norm +
+    cand_error + constant), for the native quantisation to apply to each candidate's own rounding."""
     d = (dim + 2) * 2.0**-24
-    return 1.01 * ((row_error + d) * cand_norm + cand_error + d + 2.0**-22 + d)
+    return 1.01, row_error + d, d + 2.0**-22 + d

@@ -113,20 +113,21 @@ def _load():
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_double]
+                   ctypes.c_double, ctypes.c_void_p]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int64
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                        ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int64,
+                        ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p, ctypes.c_int64,
                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["rescore"] = rescore
     quantize = library.muse_quantize_candidates
     quantize.restype = None
     quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p]
     _STATE["quantize"] = quantize
     unit = library.muse_unit_candidates
     unit.restype = ctypes.c_float
@@ -241,6 +242,7 @@ def screen_topk(
     threads: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     int8_cands: Int8Candidates | None = None,
+    windows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Survivors per (user, candidate) by bf16 (or int8) cosine, in one fused pass: at most the
     best `keep`, and none more than `window` below the k-th best.
@@ -268,6 +270,8 @@ def screen_topk(
             reused buffers: at B = 100, C = 1,000 the outputs are 180 MB, and fresh ones fault in
             page by page), else new ones.
         int8_cands: the candidates quantised for an int8 screen (`quantize_candidates`).
+        windows: float32 [B, C] each candidate's own window in place of `window` (which must then be
+            finite): twice its own screen error, narrower than the call's largest.
 
     Returns:
         scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, or int8 sums
@@ -308,6 +312,10 @@ def screen_topk(
     elif any(t.shape != shape or t.dtype != dtype or not t.is_contiguous() for t, shape, dtype in zip(out, shapes, dtypes)):
         raise ValueError(f"screen_topk: `out` must be contiguous tensors of shapes {shapes} and dtypes {dtypes}")
     scores, positions, bound, n_valid = out
+    if windows is not None:
+        windows = _dense(windows, torch.float32)
+        if windows.shape != (n_users, n_cands) or not math.isfinite(window):
+            raise ValueError(f"screen_topk: `windows` must be [{n_users}, {n_cands}], with a finite `window`")
     threads = threads or torch.get_num_threads()
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
     cand_splits = max(1, math.ceil(threads / (n_users * splits)))
@@ -319,7 +327,7 @@ def screen_topk(
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
         int(int8), int8_cands.scale.data_ptr() if int8 else None,
         int8_cands.lo.data_ptr() if int8 and int8_cands.lo is not None else None,
-        int8_cands.mark_slack if int8 else 0.0,
+        int8_cands.mark_slack if int8 else 0.0, windows.data_ptr() if windows is not None else None,
     )
     if status != 0:
         raise MemoryError(f"screen_topk: could not allocate buffers for {n_users} users x {n_cands} candidates x {keep} kept")
@@ -339,14 +347,16 @@ def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def quantize_int8_candidates(
     unit_cands: torch.Tensor, dim_scale: torch.Tensor, lo_steps: int, codes: torch.Tensor, lo: torch.Tensor | None,
-    scale: torch.Tensor,
+    scale: torch.Tensor, error_terms: tuple[float, float, float] | None = None, cand_error: torch.Tensor | None = None,
 ) -> tuple[float, float, float]:
     """Quantises unit candidates for the int8 screen, in one native call (int8_candidates.c has
     the arithmetic; kernels.int8_screen.quantize_candidates is the caller).
 
     Args: unit_cands float32 [B, C, D]; dim_scale float32 [D]; lo_steps: lo codes per hi step;
     codes int8 [B, C', D''] and lo (same, or None: one part) written whole, zero padded;
-    scale float32 [B, C'] written (1 in padding).
+    scale float32 [B, C'] written (1 in padding); error_terms (slack, row_term, constant) and
+    cand_error float32 [B, C]: where given, each candidate's own screen error
+    slack * (row_term * ||q~|| + ||q~ - q|| + constant) is written there, rounded up.
     Returns the largest ||q~ - q||, ||q~|| and (two parts) ||q~ - q~hi|| over the candidates, in
     float64 (0 without candidates).
     Raises RuntimeError when `available()` is False.
@@ -355,10 +365,17 @@ def quantize_int8_candidates(
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     n_users, n_cands, dim = unit_cands.shape
     unit_cands, dim_scale = _dense(unit_cands, torch.float32), _dense(dim_scale, torch.float32)
+    if (error_terms is None) != (cand_error is None) or (
+        cand_error is not None and (cand_error.shape != (n_users, n_cands) or cand_error.dtype != torch.float32
+                                    or not cand_error.is_contiguous())):
+        raise ValueError(f"quantize_int8_candidates: `cand_error` must come with `error_terms`, contiguous float32 "
+                         f"[{n_users}, {n_cands}]")
     stats = (ctypes.c_double * 3)()
+    terms = (ctypes.c_double * 3)(*error_terms) if error_terms is not None else None
     _STATE["quantize"](
         unit_cands.data_ptr(), n_users, n_cands, dim, dim_scale.data_ptr(), codes.shape[1], codes.shape[2],
         int(lo is not None), lo_steps, codes.data_ptr(), lo.data_ptr() if lo is not None else None, scale.data_ptr(), stats,
+        terms, cand_error.data_ptr() if cand_error is not None else None,
     )
     if any(math.isnan(value) for value in stats):
         raise MemoryError("quantize_int8_candidates: could not allocate its buffer")
@@ -456,6 +473,7 @@ def rescore_topk(
     error: tuple[float, float],
     threads: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pair_error: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Exact top-k of each (user, candidate) among its screened survivors, and whether it is proven.
 
@@ -466,7 +484,8 @@ def rescore_topk(
     cosine (eps(a) = absolute + relative * |a|); bound float32 [B, C]: every eligible behaviour left
     out screened at most this (-inf: none was); out: contiguous float32 and int64 tensors
     [B, C, k] to write scores and positions into (a caller's output, every slot written), else
-    new ones.
+    new ones; pair_error: float32 [B, C] each pair's own absolute error in place of error[0]
+    (a candidate's own screen error).
     Returns scores float32 [B, C, k] descending (ties toward the larger position; -inf past the
     eligible survivors), positions int64 [B, C, k] (-1 there), proven bool [B, C]: the result is
     the exact top-k of the whole history (nothing eligible was left out, or what was falls below
@@ -493,12 +512,16 @@ def rescore_topk(
         if (scores.shape != shape or top_positions.shape != shape or scores.dtype != torch.float32
                 or top_positions.dtype != torch.int64 or not scores.is_contiguous() or not top_positions.is_contiguous()):
             raise ValueError(f"rescore_topk: `out` must be contiguous float32 and int64 tensors of shape {shape}")
+    if pair_error is not None:
+        pair_error = _dense(pair_error, torch.float32)
+        if pair_error.shape != (n_users, n_cands):
+            raise ValueError(f"rescore_topk: `pair_error` must be [{n_users}, {n_cands}], got {tuple(pair_error.shape)}")
     proven = torch.empty(n_users, n_cands, dtype=torch.bool)
     status = _STATE["rescore"](
         table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
         history.data_ptr(), history.stride(0), lengths.data_ptr(), screened.data_ptr(), positions.data_ptr(),
         bound.data_ptr(), n_users, n_cands, m, k, error[0], error[1],
-        threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), proven.data_ptr(),
+        pair_error.data_ptr() if pair_error is not None else None, threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), proven.data_ptr(),
     )
     if status < 0:
         raise MemoryError("rescore_topk: could not allocate its per-thread buffers")

@@ -9,7 +9,10 @@
  *   scale = t (one part) or t / lo_steps (two parts): a score per unit of int32 sum,
  *   q~_d = t (j_d + l_d / lo_steps) / s_d.
  * Measured in double: ||q~ - q||, ||q~||, and with two parts ||q~ - q~hi|| (q~hi: the hi codes
- * alone), the largest of each over the candidates written to stats[0..2].
+ * alone), the largest of each over the candidates written to stats[0..2]; and, where `terms`
+ * (slack, row_term, constant: kernels.int8_screen.error_terms) is given, each candidate's own
+ * screen error slack * (row_term * ||q~|| + ||q~ - q|| + constant), rounded up to float, into
+ * cand_error [n_users, n_cands].
  *
  * Layouts: unit float32 [n_users, n_cands, dim]; codes and lo int8 [n_users, cand_pad, dim_pad]
  * (zero padded here); scale float32 [n_users, cand_pad] (1 in padding). */
@@ -76,7 +79,8 @@ static float quantize_one(const float *q, int64_t dim, const float *dim_scale, c
 
 void muse_quantize_candidates(const float *unit, int64_t n_users, int64_t n_cands, int64_t dim,
                               const float *dim_scale, int64_t cand_pad, int64_t dim_pad, int64_t two_parts,
-                              int64_t lo_steps, int8_t *codes, int8_t *lo, float *scale, double *stats) {
+                              int64_t lo_steps, int8_t *codes, int8_t *lo, float *scale, double *stats,
+                              const double *terms, float *cand_error) {
     double worst[3] = {0, 0, 0};
     const int64_t dim16 = (dim + 15) / 16 * 16;
     double *unscale = calloc((size_t)dim16, sizeof(double));  /* 1 / s_d, 0 past dim */
@@ -97,9 +101,16 @@ void muse_quantize_candidates(const float *unit, int64_t n_users, int64_t n_cand
             __m512d sums[3] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
             scale[row] = quantize_one(unit + (u * n_cands + c) * dim, dim, dim_scale, unscale, (int)two_parts, lo_steps,
                                       codes + row * dim_pad, two_parts ? lo + row * dim_pad : NULL, sums);
+            double sum[3];
             for (int i = 0; i < 3; i++) {
-                const double sum = _mm512_reduce_add_pd(sums[i]);
-                worst[i] = sum > worst[i] ? sum : worst[i];
+                sum[i] = _mm512_reduce_add_pd(sums[i]);
+                worst[i] = sum[i] > worst[i] ? sum[i] : worst[i];
+            }
+            if (terms) {
+                const double error = terms[0] * (terms[1] * sqrt(sum[1]) + sqrt(sum[0]) + terms[2]);
+                float rounded = (float)error;
+                if ((double)rounded < error) rounded = nextafterf(rounded, INFINITY);
+                cand_error[u * n_cands + c] = rounded;
             }
         }
     }

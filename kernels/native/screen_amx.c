@@ -104,6 +104,7 @@ typedef struct {
     int64_t n_cands, cand_pad, keep, capacity;
     int64_t k;     /* the final top-k: rows far below a candidate's k-th best are dropped */
     float window;  /* ... when they screen more than this below it (twice the screen's error) */
+    const float *windows;  /* [n_users, n_cands] each candidate's own window, or NULL: `window` for all */
     int64_t sample_every;  /* thresholds start from a sample of every this-many-th row (0: from -inf) */
     int64_t sample_rank;   /* ... at the sample's this-th best (`start_from_samples`) */
     /* users split in row ranges: each item's sampled bests [n_items, n_cands, SAMPLE_VALUES], from
@@ -136,6 +137,7 @@ typedef struct {
     float *tiles;       /* [2, 4, 16, 16] scores of one block of (up to) 32 candidates, double buffered
                          * (int8 screen: int32 sums, scaled to scores as they are read) */
     const float *scale; /* int8 screen: the current user's cand_scale row, else NULL */
+    const float *windows; /* the current user's row of Job.windows, or NULL */
     int two_parts;      /* int8 screen with candidates in two parts (Job.cands_lo) */
     float *lane_best;   /* [n_cands, SAMPLE_VALUES] an unsplit user's sampled bests (sample_rows) */
     float *pool;        /* [splits, SAMPLE_VALUES] scratch of start_from_samples */
@@ -145,6 +147,11 @@ typedef struct {
     int64_t *count;     /* [n_cands] */
     int64_t *limit;     /* [n_cands] a buffer is cut when it holds more than this */
 } Workspace;
+
+/* Candidate c's window (of the workspace's current user). */
+static inline float window_of(const Job *job, const Workspace *ws, int64_t c) {
+    return ws->windows ? ws->windows[c] : job->window;
+}
 
 /* Order-preserving int32 images of 16 floats (negative floats have their magnitude bits flipped). */
 static inline __m512i order_keys(__m512 v) {
@@ -299,12 +306,13 @@ static void drop_below(float *scores, int32_t *positions, int64_t *count_io, flo
  * entry that far below the k-th screened score is, exactly, below the k-th exact score (the
  * screen's error is at most half the window), so it can never enter the top-k, and the
  * threshold rises faster than with `keep` alone (about half the hits on random rows). */
-static float tighten(const Job *job, float *scores, int32_t *positions, int64_t *count_io, int64_t extra) {
+static float tighten(const Job *job, float window, float *scores, int32_t *positions, int64_t *count_io,
+                     int64_t extra) {
     float cut = -INFINITY;
     if (*count_io > job->keep) cut = cut_to_best(scores, positions, count_io, job->keep, extra);
     if (*count_io > job->k) {
         /* find_cut's key has at least k entries at or above it: at most the k-th best */
-        const float floor = key_value(find_cut(scores, *count_io, job->k, 8)) - job->window;
+        const float floor = key_value(find_cut(scores, *count_io, job->k, 8)) - window;
         if (floor > cut) {
             drop_below(scores, positions, count_io, floor);
             cut = floor;
@@ -475,7 +483,7 @@ static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint3
         if (n > ws->limit[c]) {
             /* never lowered: what was left out below it stays below the final bound (an approximate
              * k-th, or a sampled start, can put a cut under the threshold) */
-            const float cut = tighten(job, cs, cp, &n, job->keep / 2);  /* approximate keep cut: cheaper */
+            const float cut = tighten(job, window_of(job, ws, c), cs, cp, &n, job->keep / 2);  /* approximate keep cut: cheaper */
             if (cut > ws->threshold[c]) ws->threshold[c] = cut;
             /* the next cut when the buffer has doubled: fewer cuts where the window holds many */
             ws->limit[c] = 2 * n < 2 * job->k ? 2 * job->k : 2 * n > capacity ? capacity : 2 * n;
@@ -612,7 +620,7 @@ static void start_from_samples(const Job *job, Workspace *ws, const float *const
         for (int64_t s = 0; s < n_sources; s++)
             memcpy(pool + s * SAMPLE_VALUES, bests[s] + c * SAMPLE_VALUES, SAMPLE_VALUES * sizeof(float));
         const float value = lowest_from(pool, n, find_cut(pool, n, job->sample_rank, 0));  /* the rank-th best */
-        if (value > -INFINITY) ws->threshold[c] = value - job->window;
+        if (value > -INFINITY) ws->threshold[c] = value - window_of(job, ws, c);
     }
 }
 
@@ -663,6 +671,7 @@ static inline __attribute__((always_inline)) void screen_units(Job *job, Workspa
     int64_t slot = 0;
 
     ws->scale = job->int8 ? job->cand_scale + user * job->cand_pad : NULL;
+    ws->windows = job->windows ? job->windows + user * job->n_cands : NULL;
     ws->two_parts = lo != NULL;
     for (int64_t c = c_first; c < c_last; c++) {
         ws->threshold[c] = -INFINITY;
@@ -727,7 +736,7 @@ static inline __attribute__((always_inline)) void screen_units(Job *job, Workspa
         float *cs = ws->scores + c * (capacity + SLACK);
         int32_t *cp = ws->positions + c * (capacity + SLACK);
         float bound = ws->threshold[c];
-        float cut = tighten(job, cs, cp, &n, 0);
+        float cut = tighten(job, window_of(job, ws, c), cs, cp, &n, 0);
         bound = cut > bound ? cut : bound;
         if (job->direct) {
             /* the user's only row range: these are its final survivors (a serial merge of every
@@ -762,6 +771,7 @@ static void sample_item(Job *job, Workspace *ws, int64_t item) {
     const int64_t c_last = tile_end * 16 < job->n_cands ? tile_end * 16 : job->n_cands;
     const int64_t at = user * job->cand_pad * job->dim_pad;
     ws->scale = job->int8 ? job->cand_scale + user * job->cand_pad : NULL;
+    ws->windows = job->windows ? job->windows + user * job->n_cands : NULL;
     ws->two_parts = job->cands_lo != NULL;
     sample_rows(job, ws, job->history + user * job->hist_stride, job->item_start[item], end, tile_begin, tile_end, c_last,
                 job->cands + at, job->cands_lo ? job->cands_lo + at : NULL,
@@ -830,7 +840,9 @@ static void *worker(void *arg) {
  * cand_pad] turns each candidate's int32 sums into scores; with `cands_lo` (same layout as
  * cands) the candidates come in two parts, hi and lo codes, a score being (hi sum x 128 + lo sum)
  * x cand_scale, and a candidate is marked for a group by its hi sums alone, `mark_slack` below
- * its threshold. */
+ * its threshold. `windows` [n_users, n_cands] (or NULL) gives each candidate a window of its own
+ * instead of `window` (which must then be finite: a candidate's own screen error, where its
+ * rounding is measured apart, makes its window narrower than the call's largest). */
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
@@ -838,7 +850,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          int64_t sample_every, int64_t sample_rank, int64_t splits,
                          int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
                          float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
-                         const uint16_t *cands_lo, double mark_slack) {
+                         const uint16_t *cands_lo, double mark_slack, const float *windows) {
     Job job;
     memset(&job, 0, sizeof(job));
     job.screen = screen; job.n_rows = n_rows; job.dim = dim; job.dim_pad = (dim + 31) / 32 * 32;
@@ -847,7 +859,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.unit_tiles = job.cands_lo ? 1 : 2;
     job.history = history; job.hist_stride = hist_stride; job.lengths = lengths;
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
-    job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window;
+    job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window; job.windows = windows;
     job.sample_every = isfinite(window) ? sample_every : 0;
     job.sample_rank = sample_rank < 1 ? 1 : sample_rank > SAMPLE_VALUES - 1 ? SAMPLE_VALUES - 1 : sample_rank;
     job.capacity = (2 * keep + 15) / 16 * 16;  /* a buffer is cut by the time it holds twice `keep` */
@@ -942,7 +954,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                 float b = job.item_bound[i * n_cands + c];
                 bound = b > bound ? b : bound;
             }
-            float cut = tighten(&job, merged, merged_pos, &n, 0);
+            float cut = tighten(&job, job.windows ? job.windows[u * n_cands + c] : job.window, merged, merged_pos, &n, 0);
             bound = cut > bound ? cut : bound;
             /* a piece keeps what lies above its own bound, which can be below another piece's */
             drop_below(merged, merged_pos, &n, bound);
@@ -1182,7 +1194,8 @@ static inline void prefetch_likely(const void *table, int64_t row_bytes, const f
  *
  * positions [n_users, n_cands, m] (-1 = unused) index the users' histories [n_users, hist_stride],
  * with their screened scores `screened` [same] (within eps(a) = eps_abs + eps_rel * |a| of the
- * exact cosine); bound [n_users, n_cands]: every eligible behaviour left out of the survivors
+ * exact cosine, eps_abs replaced by pair_eps[user * n_cands + candidate] where pair_eps is not
+ * NULL: a candidate's own screen error); bound [n_users, n_cands]: every eligible behaviour left out of the survivors
  * screened at most this (-inf: none was). A survivor is eligible when inside the user's length,
  * its id is not 0 and its row is not zero.
  *
@@ -1212,7 +1225,7 @@ static inline void prefetch_likely(const void *table, int64_t row_bytes, const f
 int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
                           const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
                           const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
-                          int64_t k, double eps_abs, double eps_rel, int64_t n_threads,
+                          int64_t k, double eps_abs, double eps_rel, const float *pair_eps, int64_t n_threads,
                           float *out_scores, int64_t *out_positions, int8_t *out_proven) {
     const int64_t pairs = n_users * n_cands;
     const int64_t row_bytes = dim * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
@@ -1256,14 +1269,16 @@ int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const f
                     list_survivors(next, screened + (bc + 1) * m, positions + (bc + 1) * m, m, lengths[next_user],
                                    history + next_user * hist_stride, k);
                     const double kth = next->cut;  /* -inf: every survivor is a first, all read */
-                    next_from = next_warm ? INFINITY : kth == -INFINITY ? -INFINITY : kth - (eps_abs + eps_rel * fabs(kth));
+                    const double next_abs = pair_eps ? pair_eps[bc + 1] : eps_abs;
+                    next_from = next_warm ? INFINITY : kth == -INFINITY ? -INFINITY : kth - (next_abs + eps_rel * fabs(kth));
                     listed = bc + 1;
                 }
                 const float *cand = cands + bc * dim;
+                const double pair_abs = pair_eps ? pair_eps[bc] : eps_abs;
                 Scored done = {floats + 2 * room, longs + 2 * room, 0};
                 double floor = -INFINITY;  /* the k-th exact score of the firsts, once they are scored */
                 for (int round = 0; round < 2; round++) {
-                    const int64_t n = round_entries(list, round, floor, eps_abs, eps_rel, inv_norm, chosen, chosen_at);
+                    const int64_t n = round_entries(list, round, floor, pair_abs, eps_rel, inv_norm, chosen, chosen_at);
                     for (int64_t j = 0; j < n; j += 8) {
                         prefetch_likely(table, row_bytes, inv_norm, next, next_from, &next_at);
                         score_batch(table, (int)dtype, dim, inv_norm, cand, chosen + j, chosen_at + j,
@@ -1293,7 +1308,7 @@ int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const f
                 }
                 const float kth = count >= k ? key_value((int32_t)(sorted[k - 1] >> 32)) : -INFINITY;
                 const double b = bound[bc];
-                out_proven[bc] = b == -INFINITY || b + eps_abs + eps_rel * fabs(b) < (double)kth;
+                out_proven[bc] = b == -INFINITY || b + pair_abs + eps_rel * fabs(b) < (double)kth;
                 unproven += !out_proven[bc];
                 write_top(sorted, count, k, out_scores + bc * k, out_positions + bc * k);
             }

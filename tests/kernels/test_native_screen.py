@@ -186,6 +186,37 @@ def test_the_window_drops_what_lies_too_far_below_the_kth(threads, sample_every,
 
 
 @needs_amx
+@copies
+def test_each_candidate_can_have_a_window_of_its_own(copy):
+    # The same screen with a window per candidate: the one candidate given a narrower window keeps
+    # fewer survivors (and still what lies within it of its k-th best), every other keeps exactly
+    # what the call-wide window kept.
+    screen = unit_table(5_000, 128, seed=6)
+    gen = torch.Generator().manual_seed(6)
+    history = torch.randint(1, 5_001, (2, 3_000), generator=gen)
+    lengths = torch.tensor([3_000, 2_500])
+    unit_cands = torch.nn.functional.normalize(torch.randn(2, 20, 128, generator=gen), dim=-1)
+    int8_cands = None
+    if copy.startswith("int8"):
+        int8, int8_cands = int8_copy(screen, unit_cands, two_parts=copy == "int8x2")
+        screen = int8.rows
+    call = dict(keep=400, k=10, window=0.03, threads=2, int8_cands=int8_cands)
+    wide = native.screen_topk(screen, unit_cands, history, lengths, **call)
+    windows = torch.full((2, 20), 0.03)
+    windows[1, 7] = 0.008
+    own = native.screen_topk(screen, unit_cands, history, lengths, **call, windows=windows)
+    others = torch.ones(2, 20, dtype=torch.bool)
+    others[1, 7] = False
+    for wide_part, own_part in zip(wide, own[:3]):
+        assert torch.equal(wide_part[others], own_part[others])
+    kept, wide_kept = own[1][1, 7][own[1][1, 7] >= 0], wide[1][1, 7][wide[1][1, 7] >= 0]
+    assert 10 <= len(kept) < 0.7 * len(wide_kept)
+    wide_scores = wide[0][1, 7][wide[1][1, 7] >= 0]
+    near = wide_kept[wide_scores >= wide_scores.topk(10).values[-1] - 0.008]
+    assert set(near.tolist()) <= set(kept.tolist())  # nothing within the narrow window was lost
+
+
+@needs_amx
 def test_a_sampled_start_leaves_out_what_lies_below_the_sampled_value():
     # The 8 copies of the candidate's own item are all the sample's bests: the threshold starts a
     # window below their score (1.0), so nothing else is taken, and the bound says so (fewer than
@@ -252,6 +283,16 @@ def test_int8_screen_scores_stay_within_the_stated_error():
             exact = torch.einsum("cd,cmd->cm", unit_cands[0].double(), unit[history[0, positions[0]]])
             errors.append(int8_screen_error(128, int8.row_error, quantised.error, quantised.norm))
             assert float((scores[0].double() - exact).abs().max()) <= errors[-1] < 0.1
+            # each candidate's own error: its own rounding and norm in the same bound, at most
+            # the call's, and met by every score of that candidate
+            own = torch.tensor([int8_screen_error(128, int8.row_error, float(e), float(n)) for e, n in
+                                zip((rounded - unit_cands.double()).norm(dim=-1)[0], rounded.norm(dim=-1)[0])],
+                               dtype=torch.float64)
+            torch.testing.assert_close(quantised.errors[0].double(), own, rtol=1e-6, atol=0)
+            assert (quantised.errors[0].double() >= own).all() and float(quantised.errors.max()) <= errors[-1]
+            assert ((scores[0].double() - exact).abs().amax(1) <= quantised.errors[0].double()).all()
+            if not two_parts:  # one part: the candidates' roundings differ enough to matter
+                assert float(quantised.errors.mean()) < 0.95 * errors[-1]
         assert quantised.error < 0.02 * errors[0]  # two parts: the candidates' rounding all but gone
         assert errors[1] < 0.8 * errors[0]
 
@@ -390,6 +431,25 @@ def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_th
     _, _, proven, all_proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened,
                                                 positions, bound, k, error)
     assert proven[0].tolist() == [True, False] and not all_proven  # the count of unproven pairs says so too
+
+
+@needs_amx
+def test_rescore_topk_takes_each_pairs_own_error():
+    # As above, with an error of its own for each pair: candidate 1's left-out bound, 0.5e-3 below
+    # its k-th, is ruled out by an error of 0.2e-3 but not by the call's 1e-3.
+    gen = torch.Generator().manual_seed(3)
+    table = torch.nn.functional.normalize(torch.randn(200, 32, generator=gen), dim=1)
+    inv_norm = 1 / table.norm(dim=1)
+    unit_cands = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=gen), dim=-1)
+    history = torch.arange(1, 200).unsqueeze(0)
+    positions = torch.stack([torch.randperm(199, generator=gen)[:30] for _ in range(2)]).unsqueeze(0)
+    screened = torch.einsum("bcd,bcmd->bcm", unit_cands, table[history[0, positions[0]]].unsqueeze(0))
+    args = (table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions)
+    kth = native.rescore_topk(*args, torch.full((1, 2), -1.0), 5, (1e-3, 0.0))[0][0, :, 4]
+    bound = (kth - 0.5e-3).unsqueeze(0)
+    assert native.rescore_topk(*args, bound, 5, (1e-3, 0.0))[2].tolist() == [[False, False]]
+    _, _, proven, _ = native.rescore_topk(*args, bound, 5, (1e-3, 0.0), pair_error=torch.tensor([[1e-3, 0.2e-3]]))
+    assert proven.tolist() == [[False, True]]
 
 
 @needs_amx
