@@ -412,24 +412,26 @@ def test_copies_of_an_item_tie_exactly_whichever_slot_scores_them(dtype):
     assert len(set(scores[0, 0].tolist())) == 1 and bool(proven[0, 0])
 
 
-@needs_amx
-def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_the_kth():
+def two_screened_pairs():
+    """The arguments of rescore_topk up to `bound` for one user of 199 random rows and two
+    candidates, 30 survivors each, screened exactly."""
     gen = torch.Generator().manual_seed(3)
     table = torch.nn.functional.normalize(torch.randn(200, 32, generator=gen), dim=1)
-    inv_norm = 1 / table.norm(dim=1)
     unit_cands = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=gen), dim=-1)
     history = torch.arange(1, 200).unsqueeze(0)
     positions = torch.stack([torch.randperm(199, generator=gen)[:30] for _ in range(2)]).unsqueeze(0)
     screened = torch.einsum("bcd,bcmd->bcm", unit_cands, table[history[0, positions[0]]].unsqueeze(0))
-    error, k = (1e-3, 0.0), 5
-    scores, _, _, _ = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions,
-                                          torch.full((1, 2), -1.0), k, error)
-    kth = scores[0, :, k - 1]
+    return table, 1 / table.norm(dim=1), unit_cands, history, torch.tensor([199]), screened, positions
+
+
+@needs_amx
+def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_the_kth():
+    args, error, k = two_screened_pairs(), (1e-3, 0.0), 5
+    kth = native.rescore_topk(*args, torch.full((1, 2), -1.0), k, error)[0][0, :, k - 1]
     # Candidate 0: left out at most kth - 2e-3, below the k-th even with its error; candidate 1:
     # left out at most kth - 0.5e-3, which could reach it.
     bound = torch.stack([kth[0] - 2e-3, kth[1] - 0.5e-3]).unsqueeze(0)
-    _, _, proven, all_proven = native.rescore_topk(table, inv_norm, unit_cands, history, torch.tensor([199]), screened,
-                                                positions, bound, k, error)
+    _, _, proven, all_proven = native.rescore_topk(*args, bound, k, error)
     assert proven[0].tolist() == [True, False] and not all_proven  # the count of unproven pairs says so too
 
 
@@ -437,14 +439,7 @@ def test_rescore_topk_proves_a_result_only_when_what_was_left_out_falls_below_th
 def test_rescore_topk_takes_each_pairs_own_error():
     # As above, with an error of its own for each pair: candidate 1's left-out bound, 0.5e-3 below
     # its k-th, is ruled out by an error of 0.2e-3 but not by the call's 1e-3.
-    gen = torch.Generator().manual_seed(3)
-    table = torch.nn.functional.normalize(torch.randn(200, 32, generator=gen), dim=1)
-    inv_norm = 1 / table.norm(dim=1)
-    unit_cands = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=gen), dim=-1)
-    history = torch.arange(1, 200).unsqueeze(0)
-    positions = torch.stack([torch.randperm(199, generator=gen)[:30] for _ in range(2)]).unsqueeze(0)
-    screened = torch.einsum("bcd,bcmd->bcm", unit_cands, table[history[0, positions[0]]].unsqueeze(0))
-    args = (table, inv_norm, unit_cands, history, torch.tensor([199]), screened, positions)
+    args = two_screened_pairs()
     kth = native.rescore_topk(*args, torch.full((1, 2), -1.0), 5, (1e-3, 0.0))[0][0, :, 4]
     bound = (kth - 0.5e-3).unsqueeze(0)
     assert native.rescore_topk(*args, bound, 5, (1e-3, 0.0))[2].tolist() == [[False, False]]
