@@ -189,7 +189,7 @@ def run_config(table, candidates, history, lengths, k, repeats, limits, skip_ref
     row = {"L": length, "C": n_cands, "B": users, "fast_s": fast_s, "fast_peak_mb": fast_mb,
            "fast_kept_buffers_mb": scratch_bytes() / 2**20, "table_copy_once_s": copy_s, "int8_copy_once_s": int8_copy_s}
     if int8_copy_s is not None:  # what the fast path's first screens read after the timed calls
-        row["screen_precision"] = LEVEL_NAMES[prep.precision.level_for(n_cands)]
+        row["screen_precision"] = LEVEL_NAMES[prep.precision.level]
     baselines = {
         "torch_screen": lambda: _with_setting("USE_NATIVE", False, lambda: cosine_topk(table, candidates, history, lengths, k)),
         "torch_topk": lambda: torch_topk_baseline(table, candidates, history, lengths, k),

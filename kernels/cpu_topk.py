@@ -661,9 +661,9 @@ class _Screener:
 
     def first_level(self, length: int, n_cands: int) -> tuple[int, bool]:
         """(level, probing) for a call's first screen of `n_cands` candidates over histories of
-        `length` rows: the table's `ScreenPrecision` where the int8 copy pays, else (BF16, False)."""
+        `length` rows: the table's `ScreenPrecision`'s where the int8 copy pays, else (BF16, False)."""
         if self.int8 and _int8_pays(length, n_cands):
-            return self.prep.precision.choose(n_cands)
+            return self.prep.precision.choose()
         return BF16, False
 
     def record(self, level: int, probing: bool, complete: torch.Tensor, all_complete: bool) -> None:
@@ -671,7 +671,7 @@ class _Screener:
         [Bb, C]) where that screen read the int8 copy (a bf16 screen teaches it nothing)."""
         if level < BF16:
             unproven = 0 if all_complete else int((~complete).sum())
-            self.prep.precision.record(level, probing, unproven, complete.shape[0], complete.shape[1])
+            self.prep.precision.record(level, probing, unproven, complete.numel())
 
     def _fused(self, unit_cands: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, k: int, keep: int,
                sampled: bool, into: tuple[torch.Tensor, torch.Tensor] | None = None, level: int = TWO_PARTS,

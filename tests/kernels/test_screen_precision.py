@@ -8,43 +8,36 @@ import kernels.cpu_topk as cpu_topk
 import kernels.screen_precision as screen_precision
 from kernels import cosine_topk, native
 from kernels.reference import cosine_topk_reference
-from kernels.screen_precision import BF16, ONE_PART, ONE_PART_MIN_CANDIDATES, TWO_PARTS, ScreenPrecision, rescreen_level
+from kernels.screen_precision import BF16, ONE_PART, TWO_PARTS, ScreenPrecision, rescreen_level
 from topk_checks import assert_valid_topk
 
-MANY = ONE_PART_MIN_CANDIDATES  # candidates enough for one part
-
-
-def test_few_candidates_always_read_two_parts_and_teach_nothing():
-    policy = ScreenPrecision()
-    assert policy.choose(MANY - 1) == (TWO_PARTS, False)
-    policy.record(TWO_PARTS, False, unproven=MANY - 1, n_users=1, n_cands=MANY - 1)  # every pair failed
-    assert policy.level == ONE_PART and policy.choose(MANY) == (ONE_PART, False)
-    assert policy.level_for(MANY - 1) == TWO_PARTS and policy.level_for(MANY) == ONE_PART
+MANY = 96  # candidates in a call below
 
 
 def test_a_failed_one_part_screen_moves_the_table_to_two_parts_and_a_probe_brings_it_back(monkeypatch):
     monkeypatch.setattr(screen_precision, "PROBE_EVERY", 3)
     policy = ScreenPrecision()
-    pairs = 2 * MANY
-    level, probing = policy.choose(MANY)
-    policy.record(level, probing, unproven=int(0.01 * pairs), n_users=2, n_cands=MANY)  # 1%: not a failure
+    pairs = 200
+    level, probing = policy.choose()
+    assert (level, probing) == (ONE_PART, False)
+    policy.record(level, probing, unproven=2, pairs=pairs)  # 1%: not a failure
     assert policy.level == ONE_PART
-    level, probing = policy.choose(MANY)
-    policy.record(level, probing, unproven=int(0.01 * pairs) + 1, n_users=2, n_cands=MANY)
+    level, probing = policy.choose()
+    policy.record(level, probing, unproven=3, pairs=pairs)
     assert policy.level == TWO_PARTS
     # three calls at two parts (their failures change nothing: there is no finer int8 level) ...
     for _ in range(3):
-        level, probing = policy.choose(MANY)
+        level, probing = policy.choose()
         assert (level, probing) == (TWO_PARTS, False)
-        policy.record(level, probing, unproven=pairs, n_users=2, n_cands=MANY)
+        policy.record(level, probing, unproven=pairs, pairs=pairs)
     assert policy.level == TWO_PARTS
     # ... then a probe of one part; failing, it stays at two parts for three more calls
-    assert policy.choose(MANY) == (ONE_PART, True)
-    policy.record(ONE_PART, True, unproven=pairs, n_users=2, n_cands=MANY)
+    assert policy.choose() == (ONE_PART, True)
+    policy.record(ONE_PART, True, unproven=pairs, pairs=pairs)
     assert policy.level == TWO_PARTS
-    assert [policy.choose(MANY) for _ in range(4)] == [(TWO_PARTS, False)] * 3 + [(ONE_PART, True)]
-    policy.record(ONE_PART, True, unproven=0, n_users=2, n_cands=MANY)  # proving: back to one part
-    assert policy.level == ONE_PART and policy.choose(MANY) == (ONE_PART, False)
+    assert [policy.choose() for _ in range(4)] == [(TWO_PARTS, False)] * 3 + [(ONE_PART, True)]
+    policy.record(ONE_PART, True, unproven=0, pairs=pairs)  # proving: back to one part
+    assert policy.level == ONE_PART and policy.choose() == (ONE_PART, False)
 
 
 def test_screens_run_again_read_at_least_two_parts():
@@ -76,14 +69,15 @@ def assert_exact(table, candidates, history, lengths, k, fast):
     torch.testing.assert_close(fast[0], ref[0], atol=2e-6, rtol=0)
 
 
-def test_one_part_screens_many_candidates_exactly(int8_everywhere, monkeypatch):
-    # Random rows, MANY + 16 candidates (a padded last tile) for 2 users: one part all along, the
-    # sampled start included, and the reference's positions exactly.
+@pytest.mark.parametrize("n_cands", [1, 9, MANY + 16])
+def test_one_part_screens_exactly(n_cands, int8_everywhere, monkeypatch):
+    # Random rows, for 2 users one candidate (a training sample), a few, or many (a padded last
+    # tile, a sampled start): one part all along, and the reference's positions exactly.
     gen = torch.Generator().manual_seed(11)
     table = torch.cat([torch.zeros(1, 64), torch.randn(4_000, 64, generator=gen)]).half()
     history = torch.randint(1, 4_001, (2, 1_500), generator=gen)
     lengths = torch.tensor([1_500, 1_100])
-    candidates = torch.randint(1, 4_001, (2, MANY + 16), generator=gen)
+    candidates = torch.randint(1, 4_001, (2, n_cands), generator=gen)
     parts = spy_parts(monkeypatch)
     for _ in range(2):
         assert_exact(table, candidates, history, lengths, 20, cosine_topk(table, candidates, history, lengths, 20, impl="cpu"))
