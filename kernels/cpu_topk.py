@@ -703,18 +703,15 @@ class _Screener:
             scratch("fused-bound", (n_users, n_cands), torch.float32),
             scratch("fused-valid", (n_users,), torch.int64),
         )
-        screened, positions, bound, _ = native.screen_topk(
-            screen, unit_cands, history, lengths, keep, k, 2.02 * absolute,
+        # The re-scoring is complete when nothing eligible was left out, or when whatever was
+        # (screened at most `bound`, so exactly at most bound + error) scores below the k-th
+        # exact survivor: the true k-th score is at least that (module docstring).
+        return native.screen_rescore_topk(
+            screen, self.table, self.prep.inv_norm, unit_cands, history, lengths, keep, k, 2.02 * absolute,
+            (absolute, 0.0), out,
             sample_every=native.sampled_start(k, n_cands, history.shape[1], screen.shape[1] * screen.element_size())
             if sampled else 0,
-            out=out, int8_cands=int8_cands, windows=windows,
-        )
-        # Complete when nothing eligible was left out, or when whatever was (screened at most
-        # `bound`, so exactly at most bound + error) scores below the k-th exact survivor:
-        # the true k-th score is at least that (module docstring).
-        return native.rescore_topk(
-            self.table, self.prep.inv_norm, unit_cands, history, lengths, screened, positions, bound, k, (absolute, 0.0),
-            out=into, pair_error=pair_error,
+            int8_cands=int8_cands, windows=windows, pair_error=pair_error, out=into,
         )
 
     def widen(

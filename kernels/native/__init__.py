@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # int8_screen calls into this module
     from kernels.int8_screen import Int8Candidates
 
 __all__ = ["available", "id_range", "int8_available", "pair_cosines", "pair_cosines_accepts", "quantize_int8_candidates",
-           "rescore_topk", "screen_topk", "unavailable_reason", "unit_candidates"]
+           "rescore_topk", "screen_rescore_topk", "screen_topk", "unavailable_reason", "unit_candidates"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("screen_amx.c", "int8_candidates.c", "unit_candidates.c", "id_range.c",
                                                                 "pair_cosines.c")]
@@ -122,6 +122,10 @@ def _load():
                         ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p, ctypes.c_int64,
                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     _STATE["rescore"] = rescore
+    both = library.muse_screen_rescore
+    both.restype = ctypes.c_int64
+    both.argtypes = fn.argtypes + rescore.argtypes
+    _STATE["screen_rescore"] = both
     quantize = library.muse_quantize_candidates
     quantize.restype = None
     quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -284,6 +288,16 @@ def screen_topk(
     fn = _screen_fn()
     if fn is None:
         raise RuntimeError(f"native screen unavailable: {unavailable_reason()}")
+    args, outputs = _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, out,
+                                 int8_cands, windows)
+    if fn(*args) != 0:
+        raise MemoryError(f"screen_topk: could not allocate buffers for {history.shape[0]} users x "
+                          f"{unit_cands.shape[1]} candidates x {keep} kept")
+    return outputs
+
+
+def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, out, int8_cands, windows):
+    """(the arguments of muse_screen_topk_amx, its outputs): `screen_topk`'s checks and conversions."""
     n_users, block_len = history.shape
     n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
     int8 = screen.dtype == torch.int8
@@ -319,7 +333,7 @@ def screen_topk(
     threads = threads or torch.get_num_threads()
     splits = max(1, min(math.ceil(threads / n_users), block_len // MIN_SPLIT_ROWS))
     cand_splits = max(1, math.ceil(threads / (n_users * splits)))
-    status = fn(
+    args = (
         screen.data_ptr(), screen.shape[0], pairs, history.data_ptr(), history.stride(0), lengths.data_ptr(),
         n_users, block_len, cands.data_ptr(), n_cands, cand_pad, keep, k, window, sample_every,
         sample_rank(k, sample_every) if sample_every > 0 else 1, splits, cand_splits,
@@ -329,9 +343,7 @@ def screen_topk(
         int8_cands.lo.data_ptr() if int8 and int8_cands.lo is not None else None,
         int8_cands.mark_slack if int8 else 0.0, windows.data_ptr() if windows is not None else None,
     )
-    if status != 0:
-        raise MemoryError(f"screen_topk: could not allocate buffers for {n_users} users x {n_cands} candidates x {keep} kept")
-    return scores, positions, bound, n_valid
+    return args, (scores, positions, bound, n_valid)
 
 
 def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -498,6 +510,17 @@ def rescore_topk(
     """
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    args, (scores, top_positions, proven) = _rescore_args(table, inv_norm, unit_cands, history, lengths, screened,
+                                                          positions, bound, k, error, threads, out, pair_error)
+    status = _STATE["rescore"](*args)
+    if status < 0:
+        raise MemoryError("rescore_topk: could not allocate its per-thread buffers")
+    return scores, top_positions, proven, status == 0
+
+
+def _rescore_args(table, inv_norm, unit_cands, history, lengths, screened, positions, bound, k, error, threads, out,
+                  pair_error):
+    """(the arguments of muse_rescore_topk, its outputs): `rescore_topk`'s checks and conversions."""
     table, inv_norm = _dense(table, table.dtype), _dense(inv_norm, torch.float32)
     unit_cands, positions = _dense(unit_cands, torch.float32), _dense(positions, torch.int64)
     screened, bound = _dense(screened, torch.float32), _dense(bound, torch.float32)
@@ -517,12 +540,41 @@ def rescore_topk(
         if pair_error.shape != (n_users, n_cands):
             raise ValueError(f"rescore_topk: `pair_error` must be [{n_users}, {n_cands}], got {tuple(pair_error.shape)}")
     proven = torch.empty(n_users, n_cands, dtype=torch.bool)
-    status = _STATE["rescore"](
+    args = (
         table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), unit_cands.data_ptr(),
         history.data_ptr(), history.stride(0), lengths.data_ptr(), screened.data_ptr(), positions.data_ptr(),
         bound.data_ptr(), n_users, n_cands, m, k, error[0], error[1],
-        pair_error.data_ptr() if pair_error is not None else None, threads or torch.get_num_threads(), scores.data_ptr(), top_positions.data_ptr(), proven.data_ptr(),
+        pair_error.data_ptr() if pair_error is not None else None, threads or torch.get_num_threads(),
+        scores.data_ptr(), top_positions.data_ptr(), proven.data_ptr(),
     )
+    return args, (scores, top_positions, proven)
+
+
+def screen_rescore_topk(
+    screen: torch.Tensor, table: torch.Tensor, inv_norm: torch.Tensor, unit_cands: torch.Tensor,
+    history: torch.Tensor, lengths: torch.Tensor, keep: int, k: int, window: float, error: tuple[float, float],
+    screen_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], sample_every: int = 0,
+    int8_cands: Int8Candidates | None = None, windows: torch.Tensor | None = None,
+    pair_error: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """`screen_topk` into `screen_out` (required: its survivors are the re-scoring's input), then
+    `rescore_topk` of those survivors, in one native call: the arguments are the two functions'
+    own, and so are the result (`rescore_topk`'s) and the errors raised. One call because the
+    Python between two runs with its caches full of the screen's rows (at L = 100K, C = 100 the
+    re-scoring's wrapper alone took ~80 us there, its C call ~0.45 ms).
+    """
+    fn = _screen_fn()
+    if fn is None:
+        raise RuntimeError(f"native screen unavailable: {unavailable_reason()}")
+    screen_args, (screened, positions, bound, _) = _screen_args(
+        screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, screen_out, int8_cands, windows)
+    rescore_args, (scores, top_positions, proven) = _rescore_args(
+        table, inv_norm, unit_cands, history, lengths, screened, positions, bound, k, error, threads, out, pair_error)
+    status = _STATE["screen_rescore"](*screen_args, *rescore_args)
+    if status == -2:
+        raise MemoryError(f"screen_topk: could not allocate buffers for {history.shape[0]} users x "
+                          f"{unit_cands.shape[1]} candidates x {keep} kept")
     if status < 0:
         raise MemoryError("rescore_topk: could not allocate its per-thread buffers")
     return scores, top_positions, proven, status == 0

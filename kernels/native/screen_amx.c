@@ -1319,3 +1319,30 @@ int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const f
     }
     return status < 0 ? -1 : unproven;
 }
+
+/* muse_screen_topk_amx, then muse_rescore_topk of its survivors (its out_scores, out_positions
+ * and out_bound must be the re-scoring's screened, positions and bound), in one call: the Python
+ * between two calls runs with the core's caches full of the screen's rows. Returns the
+ * re-scoring's status, or -2 when the screen failed. */
+int64_t muse_screen_rescore(const uint16_t *screen, int64_t n_rows, int64_t dim, const int64_t *history,
+                            int64_t hist_stride, const int64_t *lengths, int64_t n_users, int64_t block_len,
+                            const uint16_t *cands, int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k,
+                            double window, int64_t sample_every, int64_t sample_rank, int64_t splits,
+                            int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
+                            float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
+                            const uint16_t *cands_lo, double mark_slack, const float *windows,
+                            const void *table, int64_t dtype, int64_t table_dim, const float *inv_norm,
+                            const float *unit_cands, const int64_t *r_history, int64_t r_hist_stride,
+                            const int64_t *r_lengths, const float *screened, const int64_t *positions,
+                            const float *bound, int64_t r_users, int64_t r_cands, int64_t m, int64_t r_k,
+                            double eps_abs, double eps_rel, const float *pair_eps, int64_t r_threads,
+                            float *top_scores, int64_t *top_positions, int8_t *proven) {
+    if (muse_screen_topk_amx(screen, n_rows, dim, history, hist_stride, lengths, n_users, block_len, cands, n_cands,
+                             cand_pad, keep, k, window, sample_every, sample_rank, splits, cand_splits, n_threads,
+                             out_scores, out_positions, out_bound, out_valid, int8, cand_scale, cands_lo, mark_slack,
+                             windows) != 0)
+        return -2;
+    return muse_rescore_topk(table, dtype, table_dim, inv_norm, unit_cands, r_history, r_hist_stride, r_lengths,
+                             screened, positions, bound, r_users, r_cands, m, r_k, eps_abs, eps_rel, pair_eps,
+                             r_threads, top_scores, top_positions, proven);
+}

@@ -207,7 +207,7 @@ def fused_block_calls(monkeypatch, screen_kind, lengths):
     table = make_table(400, 16)
     candidates, history, lengths = random_batch(400, 6, 300, 2, lengths, pad_prob=0.05)
     ref = cosine_topk_reference(table, candidates, history, lengths, 5)
-    calls = count_calls(monkeypatch, "screen_topk", owner=native)
+    calls = count_calls(monkeypatch, "screen_rescore_topk", owner=native)
 
     def run() -> int:
         calls.clear()
@@ -463,7 +463,7 @@ def test_the_fused_screen_regrows_its_survivors_before_widening(monkeypatch, scr
     if screen_kind == "torch-screen":
         pytest.skip("the regrowth is the fused screen's")
     table, candidates, history, lengths = near_ties_among_far_rows()
-    screens = count_calls(monkeypatch, "screen_topk", native)
+    screens = count_calls(monkeypatch, "screen_rescore_topk", native)
     widens = count_calls(monkeypatch, "widen", cpu_topk._Screener)
     fast = cpu_topk.cosine_topk_cpu(table, candidates, history, lengths, 10, screen=True, margin=0)
     # (the int8 screen keeps INT8_KEEP_FACTOR x as many: 30 cannot, 120 can)
@@ -485,8 +485,8 @@ def test_an_unlucky_sample_fails_the_proof_and_is_screened_again_without_one(mon
     history, _ = sampled_copies_history(table, 4_000, every=every, copies=native.sample_rank(50, every))
     candidates, lengths = torch.ones(1, native.MIN_SAMPLED_CANDIDATES, dtype=torch.int64), torch.tensor([4_000])
     samples = []
-    original = native.screen_topk
-    monkeypatch.setattr(native, "screen_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
+    original = native.screen_rescore_topk
+    monkeypatch.setattr(native, "screen_rescore_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
     fast = cosine_topk(table, candidates, history, lengths, 50, impl="cpu")
     assert samples == [every, 0]
     ref = cosine_topk_reference(table, candidates, history, lengths, 50)
@@ -533,8 +533,8 @@ def test_densely_sampled_histories_match_the_reference(monkeypatch, screen_kind)
     candidates, history, lengths = random_batch(3_000, 3, 1_200, native.MIN_SAMPLED_CANDIDATES, [1_200, 700, 1_000], seed=9)
     history[0, 100:400:3] = history[0, 50]  # copies of one item across the sampled rows
     samples = []
-    original = native.screen_topk
-    monkeypatch.setattr(native, "screen_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
+    original = native.screen_rescore_topk
+    monkeypatch.setattr(native, "screen_rescore_topk", lambda *a, **kw: samples.append(kw["sample_every"]) or original(*a, **kw))
     fast = cosine_topk(table, candidates, history, lengths, 50, impl="cpu")
     if screen_kind == "native-screen":
         assert samples[0] == 50 // native.DENSE_SAMPLE_PER_K
@@ -554,8 +554,8 @@ def test_the_int8_copy_screens_long_histories_with_few_candidates(monkeypatch, s
     monkeypatch.setattr(cpu_topk, "INT8_MIN_ROWS_PER_CANDIDATE", 500)
     table = make_table(5_000, 32, torch.float16)
     copies = []
-    original = native.screen_topk
-    monkeypatch.setattr(native, "screen_topk", lambda screen, *a, **kw: copies.append(screen.dtype) or original(screen, *a, **kw))
+    original = native.screen_rescore_topk
+    monkeypatch.setattr(native, "screen_rescore_topk", lambda screen, *a, **kw: copies.append(screen.dtype) or original(screen, *a, **kw))
     for width, n_cands, expected in ((1_200, 3, torch.bfloat16), (1_200, 2, torch.int8), (1_200, 1, torch.int8),
                                      (900, 1, torch.bfloat16)):
         candidates, history, lengths = random_batch(5_000, 2, width, n_cands, [width, width - 100], seed=n_cands)

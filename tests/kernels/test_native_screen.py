@@ -448,6 +448,36 @@ def test_rescore_topk_takes_each_pairs_own_error():
 
 
 @needs_amx
+@copies
+def test_screen_and_rescore_in_one_call_equal_the_two_calls(copy):
+    screen = unit_table(3_000, 64, seed=8)
+    table = screen.float()
+    inv_norm = torch.where(table.norm(dim=1) > 0, 1 / table.norm(dim=1).clamp_min(1e-30), 0.0)
+    gen = torch.Generator().manual_seed(8)
+    history = torch.randint(0, 3_001, (2, 2_000), generator=gen)
+    lengths = torch.tensor([2_000, 1_500])
+    unit_cands = torch.nn.functional.normalize(torch.randn(2, 24, 64, generator=gen), dim=-1)
+    int8_cands = windows = pair_error = None
+    error = (0.01, 0.0)
+    if copy.startswith("int8"):
+        int8, int8_cands = int8_copy(screen, unit_cands, two_parts=copy == "int8x2")
+        screen, pair_error = int8.rows, int8_cands.errors
+        windows = 2.02 * pair_error
+        error = (float(pair_error.max()), 0.0)
+    screen_out = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in (
+        ((2, 24, 60), torch.float32), ((2, 24, 60), torch.int64), ((2, 24), torch.float32), ((2,), torch.int64)))
+    two = native.screen_topk(screen, unit_cands, history, lengths, 60, 20, 2.02 * error[0], sample_every=8,
+                             int8_cands=int8_cands, windows=windows)
+    two = native.rescore_topk(table, inv_norm, unit_cands, history, lengths, *two[:3], 20, error, pair_error=pair_error)
+    one = native.screen_rescore_topk(screen, table, inv_norm, unit_cands, history, lengths, 60, 20, 2.02 * error[0],
+                                     error, screen_out, sample_every=8, int8_cands=int8_cands, windows=windows,
+                                     pair_error=pair_error)
+    for a, b in zip(one[:3], two[:3]):
+        assert torch.equal(a, b)
+    assert one[3] == two[3]
+
+
+@needs_amx
 def test_rescore_topk_never_reads_a_survivor_that_cannot_enter():
     # Survivor 3 screens far below the others: with its error it cannot reach the k-th exact
     # score, so its row must not be read. It is poisoned (NaN, which would rank first if scored).
