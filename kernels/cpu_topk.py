@@ -484,7 +484,7 @@ class _TablePrep:
     screen_error: float  # max over rows of ||screen row - float32 unit row|| (0 without a screen)
     row_error: torch.Tensor | None  # float32 [N+1]: that norm per row (None without a screen)
     int8: Int8Screen | None = None  # the int8 copy, once a call has screened from it (`_int8_copy`)
-    precision: ScreenPrecision = field(default_factory=ScreenPrecision)  # which copy first screens read
+    precision: ScreenPrecision = field(default_factory=ScreenPrecision)  # one int8 part or two, for first screens
 
 
 def _table_prep(table: torch.Tensor) -> _TablePrep | None:
@@ -681,8 +681,8 @@ class _Screener:
         most), else from the bf16 copy. Either screen's error is absolute (relative 0: float32
         results); the int8 screen's is each candidate's own (`Int8Candidates.errors`: its
         rounding measured apart, on random rows of D = 128 ~0.0195 on average against ~0.0225 for
-        the call's largest; the window and the re-scoring narrow with it, 0.91x a call's time at
-        L = 100K, C = 100 for a window 0.865x as wide)."""
+        the call's largest; the window and the re-scoring narrow with it: 0.95x a call's time at
+        L = 100K, C = 100)."""
         n_users, n_cands = unit_cands.shape[:2]
         int8_cands = windows = pair_error = None
         if self.int8 and level < BF16 and _int8_pays(history.shape[1], n_cands):
