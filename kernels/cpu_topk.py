@@ -112,6 +112,9 @@ USE_NATIVE = True
 # survivors, up to NATIVE_REGROW_MAX_KEEP, before the one-pass widening of the torch path.
 NATIVE_REGROW = 4
 NATIVE_REGROW_MAX_KEEP = 16_384
+# The fused screen's window in screen errors: a behaviour screened 2 x error below a k-th best
+# screened score is below the k-th exact one; the 1% more keeps the proof's inequality strict.
+WINDOW_ERRORS = 2.02
 # Where the CPU has AMX-INT8, histories of at least INT8_MIN_LENGTH rows, with one candidate or
 # with INT8_MIN_ROWS_PER_CANDIDATE rows per candidate, are screened from the table's int8 copy
 # (kernels/int8_screen.py): half the bytes of the bf16 pass, but a window ~3x wider (candidates
@@ -204,15 +207,14 @@ def _unit_candidates(
     live in this thread's scratch buffer "unit-candidates" until its next call."""
     if prep is None:
         return _unit(table[candidates].float()), None
-    ids = candidates.reshape(-1)
-    unit = scratch("unit-candidates", (ids.numel(), table.shape[1]), torch.float32)
+    unit = scratch("unit-candidates", (*candidates.shape, table.shape[1]), torch.float32)
     if native.available():  # one call instead of six torch ops, the same arithmetic
-        worst = native.unit_candidates(table, prep.inv_norm, prep.row_error, ids, unit)
-        cand_error = worst if prep.row_error is not None and ids.numel() else None
-    else:
-        unit.copy_(table.index_select(0, ids)).mul_(prep.inv_norm.index_select(0, ids).unsqueeze(1))
-        cand_error = float(prep.row_error.index_select(0, ids).max()) if prep.row_error is not None and ids.numel() else None
-    return unit.view(*candidates.shape, table.shape[1]), cand_error
+        worst = native.unit_candidates(table, prep.inv_norm, prep.row_error, candidates, unit)
+        return unit, worst if prep.row_error is not None and candidates.numel() else None
+    ids = candidates.reshape(-1)
+    unit.view(-1, table.shape[1]).copy_(table.index_select(0, ids)).mul_(prep.inv_norm.index_select(0, ids).unsqueeze(1))
+    cand_error = float(prep.row_error.index_select(0, ids).max()) if prep.row_error is not None and ids.numel() else None
+    return unit, cand_error
 
 
 @torch.no_grad()
@@ -684,19 +686,16 @@ class _Screener:
         the call's largest; the window and the re-scoring narrow with it: 0.95x a call's time at
         L = 100K, C = 100)."""
         n_users, n_cands = unit_cands.shape[:2]
-        int8_cands = windows = pair_error = None
+        int8_cands = pair_error = None
         if self.int8 and level < BF16 and _int8_pays(history.shape[1], n_cands):
             int8 = _int8_copy(self.table, self.prep)
             int8_cands = quantize_candidates(unit_cands, int8, two_parts=level == TWO_PARTS)
             absolute = int8_screen_error(self.table.shape[1], int8.row_error, int8_cands.error, int8_cands.norm)
             pair_error = int8_cands.errors
-            windows = torch.mul(pair_error, 2.02, out=scratch("fused-windows", (n_users, n_cands), torch.float32))
             screen, keep = int8.rows, keep * INT8_KEEP_FACTOR
         else:
             absolute, _ = self.error(unit_cands, rounded=False)
             screen = self.prep.screen
-        # A behaviour screened 2 x error below a k-th best screened score is below the k-th
-        # exact one; the 1% more keeps the proof's inequality strict.
         out = (
             scratch("fused-screened", (n_users, n_cands, keep), torch.float32),
             scratch("fused-positions", (n_users, n_cands, keep), torch.int64),
@@ -707,11 +706,11 @@ class _Screener:
         # (screened at most `bound`, so exactly at most bound + error) scores below the k-th
         # exact survivor: the true k-th score is at least that (module docstring).
         return native.screen_rescore_topk(
-            screen, self.table, self.prep.inv_norm, unit_cands, history, lengths, keep, k, 2.02 * absolute,
+            screen, self.table, self.prep.inv_norm, unit_cands, history, lengths, keep, k, WINDOW_ERRORS * absolute,
             (absolute, 0.0), out,
             sample_every=native.sampled_start(k, n_cands, history.shape[1], screen.shape[1] * screen.element_size())
             if sampled else 0,
-            int8_cands=int8_cands, windows=windows, pair_error=pair_error, out=into,
+            int8_cands=int8_cands, windows=pair_error, window_factor=WINDOW_ERRORS, pair_error=pair_error, out=into,
         )
 
     def widen(

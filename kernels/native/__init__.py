@@ -113,7 +113,7 @@ def _load():
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_double, ctypes.c_void_p]
+                   ctypes.c_double, ctypes.c_void_p, ctypes.c_double]
     rescore = library.muse_rescore_topk
     rescore.restype = ctypes.c_int64
     rescore.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -247,6 +247,7 @@ def screen_topk(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     int8_cands: Int8Candidates | None = None,
     windows: torch.Tensor | None = None,
+    window_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Survivors per (user, candidate) by bf16 (or int8) cosine, in one fused pass: at most the
     best `keep`, and none more than `window` below the k-th best.
@@ -274,8 +275,10 @@ def screen_topk(
             reused buffers: at B = 100, C = 1,000 the outputs are 180 MB, and fresh ones fault in
             page by page), else new ones.
         int8_cands: the candidates quantised for an int8 screen (`quantize_candidates`).
-        windows: float32 [B, C] each candidate's own window in place of `window` (which must then be
-            finite): twice its own screen error, narrower than the call's largest.
+        windows: float32 [B, C] times `window_factor`: each candidate's own window in place of
+            `window` (which must then be finite): twice its own screen error, narrower than the
+            call's largest (the factor lets a caller pass the errors themselves: a torch multiply
+            cost ~25 us of a call at L = 100K, C = 100, its caches cold after the screen).
 
     Returns:
         scores float32 [B, C, keep] (bf16-product cosines accumulated in float32, or int8 sums
@@ -289,14 +292,15 @@ def screen_topk(
     if fn is None:
         raise RuntimeError(f"native screen unavailable: {unavailable_reason()}")
     args, outputs = _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, out,
-                                 int8_cands, windows)
+                                 int8_cands, windows, window_factor)
     if fn(*args) != 0:
         raise MemoryError(f"screen_topk: could not allocate buffers for {history.shape[0]} users x "
                           f"{unit_cands.shape[1]} candidates x {keep} kept")
     return outputs
 
 
-def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, out, int8_cands, windows):
+def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, out, int8_cands, windows,
+                 window_factor):
     """(the arguments of muse_screen_topk_amx, its outputs): `screen_topk`'s checks and conversions."""
     n_users, block_len = history.shape
     n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
@@ -341,7 +345,7 @@ def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_e
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
         int(int8), int8_cands.scale.data_ptr() if int8 else None,
         int8_cands.lo.data_ptr() if int8 and int8_cands.lo is not None else None,
-        int8_cands.mark_slack if int8 else 0.0, windows.data_ptr() if windows is not None else None,
+        int8_cands.mark_slack if int8 else 0.0, windows.data_ptr() if windows is not None else None, window_factor,
     )
     return args, (scores, positions, bound, n_valid)
 
@@ -457,16 +461,16 @@ def pair_cosines(table: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, 
 
 def unit_candidates(table: torch.Tensor, inv_norm: torch.Tensor, row_error: torch.Tensor | None, ids: torch.Tensor,
                     out: torch.Tensor) -> float:
-    """Rows `ids` [n] of the table [N+1, D] (any stored dtype) as float32 times their reciprocal
-    norms `inv_norm` [N+1], into `out` [n, D] (contiguous float32), in one native call; returns
+    """Rows `ids` [...] of the table [N+1, D] (any stored dtype) as float32 times their reciprocal
+    norms `inv_norm` [N+1], into `out` [..., D] (contiguous float32), in one native call; returns
     the largest `row_error` [N+1] (float32) over the ids (0.0 without ids or without row_error).
     The ids must lie in the table (the caller has checked them).
     Raises RuntimeError when `available()` is False."""
     if _screen_fn() is None:
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     table, inv_norm, ids = _dense(table, table.dtype), _dense(inv_norm, torch.float32), _dense(ids, torch.int64)
-    if not out.is_contiguous() or out.dtype != torch.float32 or tuple(out.shape) != (ids.numel(), table.shape[1]):
-        raise ValueError(f"unit_candidates: `out` must be contiguous float32 [{ids.numel()}, {table.shape[1]}]")
+    if not out.is_contiguous() or out.dtype != torch.float32 or out.shape != (*ids.shape, table.shape[1]):
+        raise ValueError(f"unit_candidates: `out` must be contiguous float32 {[*ids.shape, table.shape[1]]}")
     errors = _dense(row_error, torch.float32).data_ptr() if row_error is not None else None
     return float(_STATE["unit"](table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[1], inv_norm.data_ptr(), errors,
                                 ids.data_ptr(), ids.numel(), out.data_ptr()))
@@ -554,7 +558,7 @@ def screen_rescore_topk(
     screen: torch.Tensor, table: torch.Tensor, inv_norm: torch.Tensor, unit_cands: torch.Tensor,
     history: torch.Tensor, lengths: torch.Tensor, keep: int, k: int, window: float, error: tuple[float, float],
     screen_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], sample_every: int = 0,
-    int8_cands: Int8Candidates | None = None, windows: torch.Tensor | None = None,
+    int8_cands: Int8Candidates | None = None, windows: torch.Tensor | None = None, window_factor: float = 1.0,
     pair_error: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -568,7 +572,8 @@ def screen_rescore_topk(
     if fn is None:
         raise RuntimeError(f"native screen unavailable: {unavailable_reason()}")
     screen_args, (screened, positions, bound, _) = _screen_args(
-        screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, screen_out, int8_cands, windows)
+        screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, screen_out, int8_cands, windows,
+        window_factor)
     rescore_args, (scores, top_positions, proven) = _rescore_args(
         table, inv_norm, unit_cands, history, lengths, screened, positions, bound, k, error, threads, out, pair_error)
     status = _STATE["screen_rescore"](*screen_args, *rescore_args)

@@ -106,6 +106,7 @@ typedef struct {
     int64_t k;     /* the final top-k: rows far below a candidate's k-th best are dropped */
     float window;  /* ... when they screen more than this below it (twice the screen's error) */
     const float *windows;  /* [n_users, n_cands] each candidate's own window, or NULL: `window` for all */
+    float window_factor;   /* ... in units of this: a candidate's window is window_factor x windows[...] */
     int64_t sample_every;  /* thresholds start from a sample of every this-many-th row (0: from -inf) */
     int64_t sample_rank;   /* ... at the sample's this-th best (`start_from_samples`) */
     /* users split in row ranges: each item's sampled bests [n_items, n_cands, SAMPLE_VALUES], from
@@ -151,7 +152,7 @@ typedef struct {
 
 /* Candidate c's window (of the workspace's current user). */
 static inline float window_of(const Job *job, const Workspace *ws, int64_t c) {
-    return ws->windows ? ws->windows[c] : job->window;
+    return ws->windows ? job->window_factor * ws->windows[c] : job->window;
 }
 
 /* Order-preserving int32 images of 16 floats (negative floats have their magnitude bits flipped). */
@@ -809,7 +810,8 @@ static void merge_pair(const Job *job, int64_t u, int64_t c, float *merged, int3
         const float b = job->item_bound[i * n_cands + c];
         bound = b > bound ? b : bound;
     }
-    const float cut = tighten(job, job->windows ? job->windows[u * n_cands + c] : job->window, merged, merged_pos, &n, 0);
+    const float window = job->windows ? job->window_factor * job->windows[u * n_cands + c] : job->window;
+    const float cut = tighten(job, window, merged, merged_pos, &n, 0);
     bound = cut > bound ? cut : bound;
     /* a piece keeps what lies above its own bound, which can be below another piece's */
     drop_below(merged, merged_pos, &n, bound);
@@ -878,9 +880,10 @@ static void *worker(void *arg) {
  * cand_pad] turns each candidate's int32 sums into scores; with `cands_lo` (same layout as
  * cands) the candidates come in two parts, hi and lo codes, a score being (hi sum x 128 + lo sum)
  * x cand_scale, and a candidate is marked for a group by its hi sums alone, `mark_slack` below
- * its threshold. `windows` [n_users, n_cands] (or NULL) gives each candidate a window of its own
- * instead of `window` (which must then be finite: a candidate's own screen error, where its
- * rounding is measured apart, makes its window narrower than the call's largest). */
+ * its threshold. `windows` [n_users, n_cands] (or NULL) times `window_factor` gives each
+ * candidate a window of its own instead of `window` (which must then be finite: a candidate's
+ * own screen error, where its rounding is measured apart, makes its window narrower than the
+ * call's largest; the factor lets the caller pass the errors themselves). */
 int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
                          int64_t n_users, int64_t block_len, const uint16_t *cands,
@@ -888,7 +891,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
                          int64_t sample_every, int64_t sample_rank, int64_t splits,
                          int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
                          float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
-                         const uint16_t *cands_lo, double mark_slack, const float *windows) {
+                         const uint16_t *cands_lo, double mark_slack, const float *windows, double window_factor) {
     Job job;
     memset(&job, 0, sizeof(job));
     job.screen = screen; job.n_rows = n_rows; job.dim = dim; job.dim_pad = (dim + 31) / 32 * 32;
@@ -898,6 +901,7 @@ int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
     job.history = history; job.hist_stride = hist_stride; job.lengths = lengths;
     job.n_users = n_users; job.cands = cands; job.n_cands = n_cands; job.cand_pad = cand_pad;
     job.keep = keep; job.k = k < keep ? k : keep; job.window = (float)window; job.windows = windows;
+    job.window_factor = (float)window_factor;
     job.sample_every = isfinite(window) ? sample_every : 0;
     job.sample_rank = sample_rank < 1 ? 1 : sample_rank > SAMPLE_VALUES - 1 ? SAMPLE_VALUES - 1 : sample_rank;
     job.capacity = (2 * keep + 15) / 16 * 16;  /* a buffer is cut by the time it holds twice `keep` */
@@ -1334,7 +1338,7 @@ int64_t muse_screen_rescore(const uint16_t *screen, int64_t n_rows, int64_t dim,
                             double window, int64_t sample_every, int64_t sample_rank, int64_t splits,
                             int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
                             float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
-                            const uint16_t *cands_lo, double mark_slack, const float *windows,
+                            const uint16_t *cands_lo, double mark_slack, const float *windows, double window_factor,
                             const void *table, int64_t dtype, int64_t table_dim, const float *inv_norm,
                             const float *unit_cands, const int64_t *r_history, int64_t r_hist_stride,
                             const int64_t *r_lengths, const float *screened, const int64_t *positions,
@@ -1344,7 +1348,7 @@ int64_t muse_screen_rescore(const uint16_t *screen, int64_t n_rows, int64_t dim,
     if (muse_screen_topk_amx(screen, n_rows, dim, history, hist_stride, lengths, n_users, block_len, cands, n_cands,
                              cand_pad, keep, k, window, sample_every, sample_rank, splits, cand_splits, n_threads,
                              out_scores, out_positions, out_bound, out_valid, int8, cand_scale, cands_lo, mark_slack,
-                             windows) != 0)
+                             windows, window_factor) != 0)
         return -2;
     return muse_rescore_topk(table, dtype, table_dim, inv_norm, unit_cands, r_history, r_hist_stride, r_lengths,
                              screened, positions, bound, r_users, r_cands, m, r_k, eps_abs, eps_rel, pair_eps,

@@ -214,6 +214,10 @@ def test_each_candidate_can_have_a_window_of_its_own(copy):
     wide_scores = wide[0][1, 7][wide[1][1, 7] >= 0]
     near = wide_kept[wide_scores >= wide_scores.topk(10).values[-1] - 0.008]
     assert set(near.tolist()) <= set(kept.tolist())  # nothing within the narrow window was lost
+    # the windows in units of a factor (a caller passes its errors and 2.02) keep the same
+    scaled = native.screen_topk(screen, unit_cands, history, lengths, **call, windows=windows / 4, window_factor=4.0)
+    for own_part, scaled_part in zip(own, scaled):
+        assert torch.equal(own_part, scaled_part)
 
 
 @needs_amx
@@ -298,6 +302,7 @@ def test_int8_screen_scores_stay_within_the_stated_error():
 
 
 def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("MUSE_NATIVE_KERNELS", raising=False)  # the suite may run with them switched off
     monkeypatch.setenv("MUSE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_cpu_flags", lambda: set(native._REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "false")
@@ -307,6 +312,7 @@ def test_a_failing_compiler_leaves_the_torch_path(monkeypatch, tmp_path):
 
 
 def test_a_cpu_without_amx_is_told_apart_before_anything_is_built(monkeypatch, tmp_path):
+    monkeypatch.delenv("MUSE_NATIVE_KERNELS", raising=False)
     monkeypatch.setenv("MUSE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "f16c", "avx512_bf16"})
     assert native._load() == (None, "this CPU does not offer amx_tile, amx_bf16")
