@@ -475,13 +475,28 @@ static void select_unit(const Job *job, Workspace *ws, const float *tiles, uint3
         int64_t n = ws->count[c];
         float *cs = ws->scores + c * (capacity + SLACK);
         int32_t *cp = ws->positions + c * (capacity + SLACK);
-        /* register compresses and full stores: the buffer's slack takes the lanes past the hits */
-        _mm512_storeu_ps(cs + n, _mm512_maskz_compress_ps(hit0, v0));
-        _mm512_storeu_si512(cp + n, _mm512_maskz_compress_epi32(hit0, at0));
-        n += __builtin_popcount(hit0);
-        _mm512_storeu_ps(cs + n, _mm512_maskz_compress_ps(hit1, v1));
-        _mm512_storeu_si512(cp + n, _mm512_maskz_compress_epi32(hit1, at1));
-        n += __builtin_popcount(hit1);
+        /* register compresses and stores: the buffer's slack takes the lanes past the hits. A
+         * candidate marked for a group mostly has one or two hits in it: 16-byte stores (where
+         * each half has at most four) cross a cache line less often than 64-byte ones, which
+         * always do (0.97-0.98x a call at L = 100K, C = 100) */
+        const __m512 s0 = _mm512_maskz_compress_ps(hit0, v0), s1 = _mm512_maskz_compress_ps(hit1, v1);
+        const __m512i p0 = _mm512_maskz_compress_epi32(hit0, at0), p1 = _mm512_maskz_compress_epi32(hit1, at1);
+        const int h0 = __builtin_popcount(hit0), h1 = __builtin_popcount(hit1);
+        if (h0 <= 4 && h1 <= 4) {
+            _mm_storeu_ps(cs + n, _mm512_castps512_ps128(s0));
+            _mm_storeu_si128((__m128i *)(cp + n), _mm512_castsi512_si128(p0));
+            n += h0;
+            _mm_storeu_ps(cs + n, _mm512_castps512_ps128(s1));
+            _mm_storeu_si128((__m128i *)(cp + n), _mm512_castsi512_si128(p1));
+            n += h1;
+        } else {
+            _mm512_storeu_ps(cs + n, s0);
+            _mm512_storeu_si512(cp + n, p0);
+            n += h0;
+            _mm512_storeu_ps(cs + n, s1);
+            _mm512_storeu_si512(cp + n, p1);
+            n += h1;
+        }
         if (n > ws->limit[c]) {
             /* never lowered: what was left out below it stays below the final bound (an approximate
              * k-th, or a sampled start, can put a cut under the threshold) */
