@@ -564,7 +564,9 @@ def screen_rescore_topk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """`screen_topk` into `screen_out` (required: its survivors are the re-scoring's input), then
     `rescore_topk` of those survivors, in one native call: the arguments are the two functions'
-    own, and so are the result (`rescore_topk`'s) and the errors raised. One call because the
+    own, and so are the result (`rescore_topk`'s) and the errors raised. `screen_out` then holds
+    each pair's survivors in its first slots only (the re-scoring is told how many; the slots
+    past them are not written). One call because the
     Python between two runs with its caches full of the screen's rows (at L = 100K, C = 100 the
     re-scoring's wrapper alone took ~80 us there, its C call ~0.45 ms).
     """

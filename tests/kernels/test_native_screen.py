@@ -470,11 +470,13 @@ def test_screen_and_rescore_in_one_call_equal_the_two_calls(copy):
         screen, pair_error = int8.rows, int8_cands.errors
         windows = 2.02 * pair_error
         error = (float(pair_error.max()), 0.0)
-    screen_out = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in (
-        ((2, 24, 60), torch.float32), ((2, 24, 60), torch.int64), ((2, 24), torch.float32), ((2,), torch.int64)))
     two = native.screen_topk(screen, unit_cands, history, lengths, 60, 20, 2.02 * error[0], sample_every=8,
                              int8_cands=int8_cands, windows=windows)
     two = native.rescore_topk(table, inv_norm, unit_cands, history, lengths, *two[:3], 20, error, pair_error=pair_error)
+    # the slots the one call leaves unwritten hold each pair's best behaviour again: read, it
+    # would come out twice
+    screen_out = (torch.full((2, 24, 60), 10.0), two[1][:, :, :1].repeat(1, 1, 60).contiguous(),
+                  torch.empty(2, 24), torch.empty(2, dtype=torch.int64))
     one = native.screen_rescore_topk(screen, table, inv_norm, unit_cands, history, lengths, 60, 20, 2.02 * error[0],
                                      error, screen_out, sample_every=8, int8_cands=int8_cands, windows=windows,
                                      pair_error=pair_error)
