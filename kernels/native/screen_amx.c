@@ -903,16 +903,18 @@ static void *worker(void *arg) {
  * its threshold. `windows` [n_users, n_cands] (or NULL) times `window_factor` gives each
  * candidate a window of its own instead of `window` (which must then be finite: a candidate's
  * own screen error, where its rounding is measured apart, makes its window narrower than the
- * call's largest; the factor lets the caller pass the errors themselves). */
-static int screen_counted(const uint16_t *screen, int64_t n_rows, int64_t dim,
-                          const int64_t *history, int64_t hist_stride, const int64_t *lengths,
-                          int64_t n_users, int64_t block_len, const uint16_t *cands,
-                          int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window,
-                          int64_t sample_every, int64_t sample_rank, int64_t splits,
-                          int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
-                          float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
-                          const uint16_t *cands_lo, double mark_slack, const float *windows, double window_factor,
-                          int64_t *out_count) {
+ * call's largest; the factor lets the caller pass the errors themselves). `out_count`
+ * [n_users, n_cands] (or NULL: every slot is written, -inf / -1 past the survivors): each pair's
+ * survivors go to its first slots only, and their number here. */
+int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
+                         const int64_t *history, int64_t hist_stride, const int64_t *lengths,
+                         int64_t n_users, int64_t block_len, const uint16_t *cands,
+                         int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window,
+                         int64_t sample_every, int64_t sample_rank, int64_t splits,
+                         int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
+                         float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
+                         const uint16_t *cands_lo, double mark_slack, const float *windows, double window_factor,
+                         int64_t *out_count) {
     Job job;
     memset(&job, 0, sizeof(job));
     job.out_count = out_count;
@@ -999,20 +1001,6 @@ done:
     free(item_user); free(job.item_scores); free(job.item_positions);
     free(job.item_count); free(job.item_bound); free(job.item_valid); free(job.sample_bests);
     return status;
-}
-
-int muse_screen_topk_amx(const uint16_t *screen, int64_t n_rows, int64_t dim,
-                         const int64_t *history, int64_t hist_stride, const int64_t *lengths,
-                         int64_t n_users, int64_t block_len, const uint16_t *cands,
-                         int64_t n_cands, int64_t cand_pad, int64_t keep, int64_t k, double window,
-                         int64_t sample_every, int64_t sample_rank, int64_t splits,
-                         int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
-                         float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
-                         const uint16_t *cands_lo, double mark_slack, const float *windows, double window_factor) {
-    return screen_counted(screen, n_rows, dim, history, hist_stride, lengths, n_users, block_len, cands, n_cands,
-                          cand_pad, keep, k, window, sample_every, sample_rank, splits, cand_splits, n_threads,
-                          out_scores, out_positions, out_bound, out_valid, int8, cand_scale, cands_lo, mark_slack,
-                          windows, window_factor, NULL);
 }
 
 /* Sums of 8 vectors of 16 lanes, one a row: lane pairs (i, i + 8), then (i, i + 4), (i, i + 2),
@@ -1263,14 +1251,15 @@ static inline void prefetch_likely(const void *table, int64_t row_bytes, const f
  * those screened within one error of its k-th, i.e. its firsts and what the second round reads
  * when the firsts' exact k-th lands at their screened one (within two errors, the most the second
  * round can read, the extra lines crowded out the needed ones: re-scoring 13-15% slower at
- * L = 100K, C = 100). Returns the number of pairs not proven (the
- * caller's test for a second screen, without a pass over `out_proven`), or -1 when the
- * per-thread buffers could not be allocated. */
-static int64_t rescore_counted(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
-                               const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
-                               const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
-                               int64_t k, double eps_abs, double eps_rel, const float *pair_eps, int64_t n_threads,
-                               float *out_scores, int64_t *out_positions, int8_t *out_proven, const int64_t *counts) {
+ * L = 100K, C = 100). `counts` [n_users, n_cands] (or NULL: m each): a pair's survivors are its
+ * first counts[pair] slots (muse_screen_topk_amx's out_count). Returns the number of pairs not
+ * proven (the caller's test for a second screen, without a pass over `out_proven`), or -1 when
+ * the per-thread buffers could not be allocated. */
+int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
+                          const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
+                          const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
+                          int64_t k, double eps_abs, double eps_rel, const float *pair_eps, int64_t n_threads,
+                          float *out_scores, int64_t *out_positions, int8_t *out_proven, const int64_t *counts) {
     const int64_t pairs = n_users * n_cands;
     const int64_t row_bytes = dim * (dtype == 0 ? 4 : dtype == 3 ? 1 : 2);
     int status = 0;
@@ -1365,20 +1354,9 @@ static int64_t rescore_counted(const void *table, int64_t dtype, int64_t dim, co
     return status < 0 ? -1 : unproven;
 }
 
-int64_t muse_rescore_topk(const void *table, int64_t dtype, int64_t dim, const float *inv_norm, const float *cands,
-                          const int64_t *history, int64_t hist_stride, const int64_t *lengths, const float *screened,
-                          const int64_t *positions, const float *bound, int64_t n_users, int64_t n_cands, int64_t m,
-                          int64_t k, double eps_abs, double eps_rel, const float *pair_eps, int64_t n_threads,
-                          float *out_scores, int64_t *out_positions, int8_t *out_proven) {
-    return rescore_counted(table, dtype, dim, inv_norm, cands, history, hist_stride, lengths, screened, positions, bound,
-                           n_users, n_cands, m, k, eps_abs, eps_rel, pair_eps, n_threads, out_scores, out_positions,
-                           out_proven, NULL);
-}
-
-/* muse_screen_topk_amx, then muse_rescore_topk of its survivors (its out_scores, out_positions
- * and out_bound must be the re-scoring's screened, positions and bound), in one call: the Python
- * between two calls runs with the core's caches full of the screen's rows. The screen's outputs
- * hold each pair's survivors in their first slots; the slots past them are left as they were.
+/* muse_screen_topk_amx, then muse_rescore_topk of its survivors (its out_scores, out_positions,
+ * out_bound and out_count must be the re-scoring's screened, positions, bound and counts), in one
+ * call: the Python between two calls runs with the core's caches full of the screen's rows.
  * Returns the re-scoring's status, or -2 when the screen failed. */
 int64_t muse_screen_rescore(const uint16_t *screen, int64_t n_rows, int64_t dim, const int64_t *history,
                             int64_t hist_stride, const int64_t *lengths, int64_t n_users, int64_t block_len,
@@ -1387,25 +1365,18 @@ int64_t muse_screen_rescore(const uint16_t *screen, int64_t n_rows, int64_t dim,
                             int64_t cand_splits, int64_t n_threads, float *out_scores, int64_t *out_positions,
                             float *out_bound, int64_t *out_valid, int64_t int8, const float *cand_scale,
                             const uint16_t *cands_lo, double mark_slack, const float *windows, double window_factor,
-                            const void *table, int64_t dtype, int64_t table_dim, const float *inv_norm,
-                            const float *unit_cands, const int64_t *r_history, int64_t r_hist_stride,
-                            const int64_t *r_lengths, const float *screened, const int64_t *positions,
-                            const float *bound, int64_t r_users, int64_t r_cands, int64_t m, int64_t r_k,
-                            double eps_abs, double eps_rel, const float *pair_eps, int64_t r_threads,
-                            float *top_scores, int64_t *top_positions, int8_t *proven) {
-    /* each pair's survivors in its first slots, counted: the re-scoring lists no further, and the
-     * rest of a pair's `keep` slots go unwritten (0.99x a call at L = 100K, C = 100) */
-    int64_t *counts = malloc((size_t)n_users * n_cands * sizeof(int64_t));
-    int64_t status = screen_counted(screen, n_rows, dim, history, hist_stride, lengths, n_users, block_len, cands,
-                                    n_cands, cand_pad, keep, k, window, sample_every, sample_rank, splits, cand_splits,
-                                    n_threads, out_scores, out_positions, out_bound, out_valid, int8, cand_scale,
-                                    cands_lo, mark_slack, windows, window_factor, counts);
-    if (status == 0)
-        status = rescore_counted(table, dtype, table_dim, inv_norm, unit_cands, r_history, r_hist_stride, r_lengths,
-                                 screened, positions, bound, r_users, r_cands, m, r_k, eps_abs, eps_rel, pair_eps,
-                                 r_threads, top_scores, top_positions, proven, counts);
-    else
-        status = -2;
-    free(counts);
-    return status;
+                            int64_t *out_count, const void *table, int64_t dtype, int64_t table_dim,
+                            const float *inv_norm, const float *unit_cands, const int64_t *r_history,
+                            int64_t r_hist_stride, const int64_t *r_lengths, const float *screened,
+                            const int64_t *positions, const float *bound, int64_t r_users, int64_t r_cands, int64_t m,
+                            int64_t r_k, double eps_abs, double eps_rel, const float *pair_eps, int64_t r_threads,
+                            float *top_scores, int64_t *top_positions, int8_t *proven, const int64_t *counts) {
+    if (muse_screen_topk_amx(screen, n_rows, dim, history, hist_stride, lengths, n_users, block_len, cands, n_cands,
+                             cand_pad, keep, k, window, sample_every, sample_rank, splits, cand_splits, n_threads,
+                             out_scores, out_positions, out_bound, out_valid, int8, cand_scale, cands_lo, mark_slack,
+                             windows, window_factor, out_count) != 0)
+        return -2;
+    return muse_rescore_topk(table, dtype, table_dim, inv_norm, unit_cands, r_history, r_hist_stride, r_lengths,
+                             screened, positions, bound, r_users, r_cands, m, r_k, eps_abs, eps_rel, pair_eps,
+                             r_threads, top_scores, top_positions, proven, counts);
 }
