@@ -20,7 +20,6 @@ _IMPLS = ("auto", "cpu", "triton", "reference")
 _SMALL_REDUCTION = 4_096  # other small id tensors (strided, int32) checked in numpy up to this many (`_min_max`)
 
 
-@torch.no_grad()
 def cosine_topk(
     table: torch.Tensor,
     candidates: torch.Tensor,

@@ -711,6 +711,7 @@ class _Screener:
             sample_every=native.sampled_start(k, n_cands, history.shape[1], screen.shape[1] * screen.element_size())
             if sampled else 0,
             int8_cands=int8_cands, windows=pair_error, window_factor=WINDOW_ERRORS, pair_error=pair_error, out=into,
+            checked=False,
         )
 
     def widen(

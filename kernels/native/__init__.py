@@ -60,11 +60,15 @@ def int8_available() -> bool:
 
 
 def _screen_fn():
-    """The ctypes function `muse_screen_topk_amx`, or None (see `unavailable_reason`)."""
+    """The ctypes function `muse_screen_topk_amx`, or None (see `unavailable_reason`). Loaded
+    once under the lock; read without it after that (a call asks about a dozen times)."""
+    if "screen" in _STATE:
+        return _STATE["screen"]
     with _LOCK:
         if "screen" not in _STATE:
-            _STATE["screen"], _STATE["reason"] = _load()
-            if _STATE["screen"] is None:
+            fn, _STATE["reason"] = _load()
+            _STATE["screen"] = fn  # last: its presence says the load is complete
+            if fn is None:
                 _log.info("native AMX screen not used: %s; using the portable torch path", _STATE["reason"])
         return _STATE["screen"]
 
@@ -217,6 +221,7 @@ def sampled_start(k: int, n_cands: int, length: int, row_bytes: int) -> int:
     return k
 
 
+@functools.lru_cache(maxsize=256)
 def sample_rank(k: int, sample_every: int) -> int:
     """The rank, among the sampled scores of one row in `sample_every`, a screen's thresholds
     start from (a window below): the smallest r for which more than r - 1 of a candidate's k - 1
@@ -300,21 +305,16 @@ def screen_topk(
 
 
 def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, out, int8_cands, windows,
-                 window_factor, counts=None):
-    """(the arguments of muse_screen_topk_amx, its outputs): `screen_topk`'s checks and conversions."""
+                 window_factor, counts=None, checked=True):
+    """(the arguments of muse_screen_topk_amx, its outputs): `screen_topk`'s checks and conversions
+    (checked=False: only the history's and lengths' conversions, see `screen_rescore_topk`)."""
     n_users, block_len = history.shape
     n_cands, dim = unit_cands.shape[1], unit_cands.shape[2]
     int8 = screen.dtype == torch.int8
     if int8:
-        if int8_cands is None or not _STATE.get("int8"):
-            raise ValueError("screen_topk: an int8 screen needs `int8_cands` and an AMX-INT8 CPU (int8_available())")
-        if not screen.is_contiguous() or screen.shape[1] != dim + dim % 2:
-            raise ValueError(f"screen_topk: int8 `screen` must be contiguous [N+1, {dim + dim % 2}], got {tuple(screen.shape)}")
-        cands, cand_pad = int8_cands.codes, int8_cands.codes.shape[1]
-        shape = (n_users, -(-n_cands // 16) * 16, -(-dim // 64) * 64)
-        lo = int8_cands.lo
-        if cands.shape != shape or not cands.is_contiguous() or (lo is not None and (lo.shape != shape or not lo.is_contiguous())):
-            raise ValueError(f"screen_topk: `int8_cands` do not match {n_users} users x {n_cands} candidates of dim {dim}")
+        if checked:
+            _check_int8_screen(screen, int8_cands, n_users, n_cands, dim)
+        cands, cand_pad, lo = int8_cands.codes, int8_cands.codes.shape[1], int8_cands.lo
         pairs = screen.shape[1] // 2  # the kernel reads int8 rows as 16-bit pairs
     elif screen.dtype != torch.bfloat16 or not screen.is_contiguous() or screen.shape[1] != dim:
         raise ValueError(f"screen_topk: `screen` must be contiguous bfloat16 [N+1, {dim}], got {screen.dtype} {tuple(screen.shape)}")
@@ -327,10 +327,10 @@ def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_e
     dtypes = (torch.float32, torch.int64, torch.float32, torch.int64)
     if out is None:
         out = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
-    elif any(t.shape != shape or t.dtype != dtype or not t.is_contiguous() for t, shape, dtype in zip(out, shapes, dtypes)):
+    elif checked and any(t.shape != shape or t.dtype != dtype or not t.is_contiguous() for t, shape, dtype in zip(out, shapes, dtypes)):
         raise ValueError(f"screen_topk: `out` must be contiguous tensors of shapes {shapes} and dtypes {dtypes}")
     scores, positions, bound, n_valid = out
-    if windows is not None:
+    if windows is not None and checked:
         windows = _dense(windows, torch.float32)
         if windows.shape != (n_users, n_cands) or not math.isfinite(window):
             raise ValueError(f"screen_topk: `windows` must be [{n_users}, {n_cands}], with a finite `window`")
@@ -344,11 +344,23 @@ def _screen_args(screen, unit_cands, history, lengths, keep, k, window, sample_e
         threads,
         scores.data_ptr(), positions.data_ptr(), bound.data_ptr(), n_valid.data_ptr(),
         int(int8), int8_cands.scale.data_ptr() if int8 else None,
-        int8_cands.lo.data_ptr() if int8 and int8_cands.lo is not None else None,
+        lo.data_ptr() if int8 and lo is not None else None,
         int8_cands.mark_slack if int8 else 0.0, windows.data_ptr() if windows is not None else None, window_factor,
         counts.data_ptr() if counts is not None else None,
     )
     return args, (scores, positions, bound, n_valid)
+
+
+def _check_int8_screen(screen, int8_cands, n_users, n_cands, dim):
+    """Raises ValueError unless `screen` and `int8_cands` fit an int8 screen of these candidates."""
+    if int8_cands is None or not _STATE.get("int8"):
+        raise ValueError("screen_topk: an int8 screen needs `int8_cands` and an AMX-INT8 CPU (int8_available())")
+    if not screen.is_contiguous() or screen.shape[1] != dim + dim % 2:
+        raise ValueError(f"screen_topk: int8 `screen` must be contiguous [N+1, {dim + dim % 2}], got {tuple(screen.shape)}")
+    shape = (n_users, -(-n_cands // 16) * 16, -(-dim // 64) * 64)
+    cands, lo = int8_cands.codes, int8_cands.lo
+    if cands.shape != shape or not cands.is_contiguous() or (lo is not None and (lo.shape != shape or not lo.is_contiguous())):
+        raise ValueError(f"screen_topk: `int8_cands` do not match {n_users} users x {n_cands} candidates of dim {dim}")
 
 
 def _padded_candidates(unit_cands: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -524,23 +536,25 @@ def rescore_topk(
 
 
 def _rescore_args(table, inv_norm, unit_cands, history, lengths, screened, positions, bound, k, error, threads, out,
-                  pair_error, counts=None):
-    """(the arguments of muse_rescore_topk, its outputs): `rescore_topk`'s checks and conversions."""
-    table, inv_norm = _dense(table, table.dtype), _dense(inv_norm, torch.float32)
-    unit_cands, positions = _dense(unit_cands, torch.float32), _dense(positions, torch.int64)
-    screened, bound = _dense(screened, torch.float32), _dense(bound, torch.float32)
-    history, lengths = _rows_contiguous(history), _dense(lengths, torch.int64)
+                  pair_error, counts=None, checked=True):
+    """(the arguments of muse_rescore_topk, its outputs): `rescore_topk`'s checks and conversions
+    (checked=False: only the table's, history's and lengths', see `screen_rescore_topk`)."""
+    table, history, lengths = _dense(table, table.dtype), _rows_contiguous(history), _dense(lengths, torch.int64)
     n_users, n_cands, m = positions.shape
+    if checked:
+        inv_norm, unit_cands = _dense(inv_norm, torch.float32), _dense(unit_cands, torch.float32)
+        positions, screened, bound = _dense(positions, torch.int64), _dense(screened, torch.float32), _dense(bound, torch.float32)
     if out is None:
         scores = torch.empty(n_users, n_cands, k)
         top_positions = torch.empty(n_users, n_cands, k, dtype=torch.int64)
     else:
         scores, top_positions = out
         shape = (n_users, n_cands, k)
-        if (scores.shape != shape or top_positions.shape != shape or scores.dtype != torch.float32
-                or top_positions.dtype != torch.int64 or not scores.is_contiguous() or not top_positions.is_contiguous()):
+        if checked and (scores.shape != shape or top_positions.shape != shape or scores.dtype != torch.float32
+                        or top_positions.dtype != torch.int64 or not scores.is_contiguous()
+                        or not top_positions.is_contiguous()):
             raise ValueError(f"rescore_topk: `out` must be contiguous float32 and int64 tensors of shape {shape}")
-    if pair_error is not None:
+    if pair_error is not None and checked:
         pair_error = _dense(pair_error, torch.float32)
         if pair_error.shape != (n_users, n_cands):
             raise ValueError(f"rescore_topk: `pair_error` must be [{n_users}, {n_cands}], got {tuple(pair_error.shape)}")
@@ -561,7 +575,7 @@ def screen_rescore_topk(
     screen_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], sample_every: int = 0,
     int8_cands: Int8Candidates | None = None, windows: torch.Tensor | None = None, window_factor: float = 1.0,
     pair_error: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    threads: int | None = None,
+    threads: int | None = None, checked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """`screen_topk` into `screen_out` (required: its survivors are the re-scoring's input), then
     `rescore_topk` of those survivors, in one native call: the arguments are the two functions'
@@ -569,7 +583,10 @@ def screen_rescore_topk(
     each pair's survivors in its first slots only (the re-scoring is told how many; the slots
     past them are not written). One call because the
     Python between two runs with its caches full of the screen's rows (at L = 100K, C = 100 the
-    re-scoring's wrapper alone took ~80 us there, its C call ~0.45 ms).
+    re-scoring's wrapper alone took ~80 us there, its C call ~0.45 ms). checked=False is for a
+    caller that built every input but the table, history and lengths itself, to the documented
+    shapes, dtypes and layouts (the CPU path's own buffers): their checks are skipped, each a
+    dispatch inside a call whose screen has just emptied the caches.
     """
     fn = _screen_fn()
     if fn is None:
@@ -579,10 +596,10 @@ def screen_rescore_topk(
     counts = scratch("fused-counts", tuple(screen_out[2].shape), torch.int64)
     screen_args, (screened, positions, bound, _) = _screen_args(
         screen, unit_cands, history, lengths, keep, k, window, sample_every, threads, screen_out, int8_cands, windows,
-        window_factor, counts)
+        window_factor, counts, checked)
     rescore_args, (scores, top_positions, proven) = _rescore_args(
         table, inv_norm, unit_cands, history, lengths, screened, positions, bound, k, error, threads, out, pair_error,
-        counts)
+        counts, checked)
     status = _STATE["screen_rescore"](*screen_args, *rescore_args)
     if status == -2:
         raise MemoryError(f"screen_topk: could not allocate buffers for {history.shape[0]} users x "
