@@ -411,14 +411,16 @@ static inline __m512 tile_scores(const Workspace *ws, const float *row, __mmask1
  * candidate took ~9. With the int8 screen (`scale`: the 16 candidates' scales) the maxima are
  * taken on the int32 sums and only they are scaled: the scaling is increasing, so it commutes
  * with the max. */
-static inline __mmask16 marks16(const float *tile, const float *threshold, const float *scale, float factor,
-                                float slack, int64_t n, __mmask16 valid0, __mmask16 valid1) {
+static inline __attribute__((always_inline)) __mmask16 marks16_of(const float *tile, const float *threshold,
+                                                                   const float *scale, float factor, float slack,
+                                                                   int64_t n, __mmask16 valid0, __mmask16 valid1,
+                                                                   const int ints, const int full) {
     /* rows of an ineligible lane score as -inf in the max: zero rows score 0, which a threshold below 0 would take */
-    const int ints = scale != NULL;
     const __m512 low = ints ? _mm512_castsi512_ps(_mm512_set1_epi32(INT32_MIN)) : _mm512_set1_ps(-INFINITY);
     __m512 m[16];
     for (int c = 0; c < 16; c++)
-        m[c] = max16(_mm512_mask_load_ps(low, valid0, tile + c * 16), _mm512_mask_load_ps(low, valid1, tile + 256 + c * 16), ints);
+        m[c] = full ? max16(_mm512_load_ps(tile + c * 16), _mm512_load_ps(tile + 256 + c * 16), ints)
+                    : max16(_mm512_mask_load_ps(low, valid0, tile + c * 16), _mm512_mask_load_ps(low, valid1, tile + 256 + c * 16), ints);
     /* 16 -> 8: quarters 0-1 of p[i] hold candidate i's partial maxima, 2-3 candidate i + 8's */
     __m512 p[8];
     for (int i = 0; i < 8; i++)
@@ -441,6 +443,19 @@ static inline __mmask16 marks16(const float *tile, const float *threshold, const
                              _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, scale), _mm512_set1_ps(factor)));
     const __m512 bar = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, threshold), _mm512_set1_ps(slack));
     return _mm512_mask_cmp_ps_mask(lanes, best, bar, _CMP_GT_OQ);
+}
+
+/* marks16_of compiled for each kind of sums and for groups whose rows are all eligible (most of
+ * them), where plain loads replace the masked ones, each of which also copies its fill value
+ * (0.98x a call at L = 100K, C = 100). */
+static __mmask16 marks16(const float *tile, const float *threshold, const float *scale, float factor, float slack,
+                         int64_t n, __mmask16 valid0, __mmask16 valid1) {
+    const int full = (valid0 & valid1) == 0xFFFF;
+    if (scale)
+        return full ? marks16_of(tile, threshold, scale, factor, slack, n, valid0, valid1, 1, 1)
+                    : marks16_of(tile, threshold, scale, factor, slack, n, valid0, valid1, 1, 0);
+    return full ? marks16_of(tile, threshold, scale, factor, slack, n, valid0, valid1, 0, 1)
+                : marks16_of(tile, threshold, scale, factor, slack, n, valid0, valid1, 0, 0);
 }
 
 /* Appends, for candidates [c_begin, c_end) (at most 32, from a multiple of 16), the rows of one
