@@ -527,6 +527,10 @@ def _table_prep(table: torch.Tensor) -> _TablePrep | None:
             unit = rows * scale.unsqueeze(1)  # not in place: rows may be the table
             screen[r0 : r0 + step] = unit
             torch.linalg.vector_norm(screen[r0 : r0 + step].float().sub_(unit), dim=1, out=row_error[r0 : r0 + step])
+    if screen is not None and screen.shape[0]:
+        # id 0 is never eligible: the fused screen reads row 0 for padding and unknown items
+        screen[0] = 0
+        row_error[0] = 0
     screen_error = float(row_error.max()) if row_error is not None and row_error.numel() else 0.0
     prep = _TablePrep(inv_norm, screen, screen_error, row_error)
     with _PREP_LOCK:

@@ -73,6 +73,8 @@ def build_int8_screen(table: torch.Tensor, inv_norm: torch.Tensor, chunk_rows: i
         error = torch.linalg.vector_norm(codes.mul_(dim_scale).sub_(unit), dim=1)
         if error.numel():
             row_error = max(row_error, float(error.max()))
+    if n_rows:
+        rows[0] = 0  # id 0 is never eligible: the fused screen reads row 0 for padding and unknown items
     return Int8Screen(rows, dim_scale, row_error)
 
 

@@ -21,7 +21,8 @@
  * bound (kernels/cpu_topk.py).
  *
  * Layouts (row-major, contiguous):
- *   screen    uint16 (bf16 bits) [n_rows, dim], unit rows, zero rows for ineligible items;
+ *   screen    uint16 (bf16 bits) [n_rows, dim], unit rows, zero rows for ineligible items, row 0
+ *             among them (read in place of padding);
  *   history   int64 [n_users, hist_stride]; lengths int64 [n_users];
  *   cands     uint16 (bf16) [n_users, cand_pad, dim_pad] unit candidates, zero padded
  *             (cand_pad a multiple of 16, dim_pad = dim rounded up to 32);
@@ -358,17 +359,15 @@ static uint32_t gather_group(const Job *job, const int64_t *ids, int64_t first, 
     for (int block = 0; block < 2; block++) {
         const uint16_t *src[16];
         for (int n = 0; n < 16; n++) {
-            int64_t p = first + block * 16 + n;
-            int64_t id = p < end ? ids[p] : 0;
-            src[n] = id ? job->screen + id * dim : NULL;
+            const int64_t p = first + block * 16 + n;
+            src[n] = job->screen + (p < end ? ids[p] : 0) * dim;  /* past the end: row 0, a zero row */
         }
         __m512i any = _mm512_setzero_si512();
         for (int64_t kk = 0; kk < k_tiles; kk++) {
             int64_t width = dim - kk * 32 < 32 ? dim - kk * 32 : 32;
             __mmask32 lanes = width == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << width) - 1);
             __m512i r[16];
-            for (int n = 0; n < 16; n++)
-                r[n] = src[n] ? _mm512_maskz_loadu_epi16(lanes, src[n] + kk * 32) : _mm512_setzero_si512();
+            for (int n = 0; n < 16; n++) r[n] = _mm512_maskz_loadu_epi16(lanes, src[n] + kk * 32);
             transpose16(r);
             uint32_t *tile = rows + (block * k_tiles + kk) * 256;
             for (int q = 0; q < 16; q++) {

@@ -581,3 +581,21 @@ def test_each_screen_takes_the_error_of_its_own_arithmetic(monkeypatch, screen_k
         assert asked == []  # the int8 screen's error comes from kernels.int8_screen
     else:
         assert asked and all(rounded == (screen_kind == "torch-screen") for rounded in asked)
+
+
+def test_an_unknown_item_is_never_chosen_whatever_row_0_holds(force_screen):
+    # Row 0 of the table should be zero, but a table whose row 0 is the candidates' own item
+    # (it would score 1.0 wherever it was read) still never has id 0 chosen: padding and unknown
+    # items are ineligible by their id.
+    table = make_table(3_000, 32)
+    candidates, history, lengths = random_batch(3_000, 2, 4_000, 12, [4_000, 3_100], seed=5, pad_prob=0.3)
+    table[0] = table[candidates[0, 0]]
+    scores, positions = cosine_topk(table, candidates, history, lengths, 10)
+    assert_valid_topk(table, candidates, history, lengths, 10, scores, positions)
+    reference = cosine_topk_reference(table, candidates, history, lengths, 10)
+    assert torch.equal(positions, reference[1])
+    # the fused screen reads row 0 of its copies in place of padding: they hold zeros there
+    prep = cpu_topk._table_prep(table)
+    assert not prep.screen[0].any() and prep.row_error[0] == 0
+    if native.int8_available():
+        assert not cpu_topk._int8_copy(table, prep).rows[0].any()
